@@ -1,0 +1,1 @@
+"""Device drivers: one facade per device kind over interchangeable backends."""

@@ -1,0 +1,249 @@
+"""The configuration schema: YAML becomes a typed, validated, immutable `Config`.
+
+Every model forbids unknown keys (a typo must never fall back to a default silently) and
+is frozen. Loading with file/line error messages lives in `edge.configload`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from edge.events import IDENT_CLASSES, SOURCES, IdentClass, Source
+from edge.units import Duration, Size
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+SpecId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Identity(Model):
+    tenant: SpecId
+    store: SpecId
+    device: SpecId
+
+
+class Paths(Model):
+    state_dir: Path = Path("/var/lib/store-edge")
+    keys_dir: Path = Path("/var/lib/store-edge/keys")
+
+
+Policy = Literal["drop", "ephemeral", "stable"]
+
+
+class ClassPolicy(Model):
+    policy: Policy = "ephemeral"
+    # for `stable`: what applies when the identifier's stable pseudonym is not consented
+    fallback: Literal["drop", "ephemeral"] = "ephemeral"
+
+
+def _default_classes() -> dict[IdentClass, ClassPolicy]:
+    return {
+        "ble_address": ClassPolicy(policy="ephemeral"),
+        "nfc_uid": ClassPolicy(policy="ephemeral"),
+        "loyalty_id": ClassPolicy(policy="ephemeral"),
+        "email": ClassPolicy(policy="drop", fallback="drop"),
+        "phone": ClassPolicy(policy="drop", fallback="drop"),
+        "card_number": ClassPolicy(policy="drop", fallback="drop"),
+    }
+
+
+class Privacy(Model):
+    ephemeral_rotation: Duration = Field(default=86400.0, gt=0)
+    # file of consented stable pseudonyms, one per line; reloaded when it changes
+    consent_file: Path | None = None
+    classes: dict[IdentClass, ClassPolicy] = Field(default_factory=_default_classes)
+
+    @field_validator("classes")
+    @classmethod
+    def _card_numbers_always_dropped(
+        cls, v: dict[IdentClass, ClassPolicy]
+    ) -> dict[IdentClass, ClassPolicy]:
+        card = v.get("card_number")
+        if card is not None and (card.policy != "drop" or card.fallback != "drop"):
+            raise ValueError("card_number is always dropped: set policy: drop (or leave it out)")
+        merged = _default_classes()
+        merged.update(v)
+        return merged
+
+
+def _default_priorities() -> list[Source]:
+    return ["pos", "nfc", "ble", "edge"]
+
+
+def _default_retention() -> dict[Source, float]:
+    day = 86400.0
+    return {"pos": 30 * day, "nfc": 14 * day, "ble": 7 * day, "edge": 7 * day}
+
+
+class Buffer(Model):
+    file: str = "buffer.db"  # inside paths.state_dir
+    synchronous: Literal["full", "normal"] = "full"
+    commit_max_events: int = Field(default=2000, ge=1, le=100_000)
+    commit_interval: Duration = Field(default=0.05, gt=0, le=10)
+    max_bytes: Size = Field(default=512 * 1024**2, ge=1024 * 1024)
+    max_events: int | None = Field(default=None, ge=1)
+    when_full: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    # highest priority first: when space runs out the last source loses first
+    priorities: list[Source] = Field(default_factory=_default_priorities)
+    # storage limitation: events older than this are deleted even if unsent
+    retention: dict[Source, Duration] = Field(default_factory=_default_retention)
+    # bound on events between the pipeline and a commit (backpressure beyond it)
+    queue_max: int = Field(default=20_000, ge=100)
+
+    @field_validator("priorities")
+    @classmethod
+    def _all_sources_once(cls, v: list[Source]) -> list[Source]:
+        if sorted(v) != sorted(SOURCES):
+            raise ValueError(f"list each of {', '.join(SOURCES)} exactly once, highest priority first")
+        return v
+
+
+class Tls(Model):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> Tls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        return self
+
+
+class Discovery(Model):
+    interfaces: list[str] = Field(default_factory=list)  # empty: all
+    timeout: Duration = 5.0
+
+
+class BatchLimits(Model):
+    max_events: int = Field(default=1000, ge=1, le=100_000)
+    max_bytes: Size = Field(default=256 * 1024, ge=1024, le=64 * 1024**2)
+    linger: Duration = Field(default=0.25, ge=0)
+    compression: Literal["zlib", "none"] = "zlib"
+
+
+class Reconnect(Model):
+    initial: Duration = Field(default=1.0, gt=0)
+    max: Duration = Field(default=60.0, gt=0)
+
+
+class Uplink(Model):
+    enabled: bool = True
+    # mqtt://host:port, mqtts://host:port, or auto (zeroconf _mqtt._tcp / _secure-mqtt._tcp)
+    broker: str = "mqtt://127.0.0.1:1883"
+    prefix: str = "edge/v1"
+    tls: Tls = Field(default_factory=Tls)
+    discovery: Discovery = Field(default_factory=Discovery)
+    batch: BatchLimits = Field(default_factory=BatchLimits)
+    window: int = Field(default=8, ge=1, le=1024)
+    ack_timeout: Duration = Field(default=15.0, gt=0)
+    reconnect: Reconnect = Field(default_factory=Reconnect)
+    bandwidth: Size | None = None  # bytes per second; None = unlimited
+    # cloud Ed25519 public key (64 hex chars); when set, only signed acks delete batches
+    cloud_public_key: str | None = None
+    keepalive: Duration = Field(default=30.0, ge=5)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        if v == "auto" or v.startswith(("mqtt://", "mqtts://")):
+            return v
+        raise ValueError("expected mqtt://host:port, mqtts://host:port or auto")
+
+    @field_validator("cloud_public_key")
+    @classmethod
+    def _hex32(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ok = len(bytes.fromhex(v)) == 32
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError("expected 64 hex characters (a raw Ed25519 public key)")
+        return v
+
+
+class SimRate(Model):
+    """Simulated backend: how busy the simulated store is."""
+
+    rate: float = Field(default=5.0, gt=0, le=1_000_000)  # readings per second
+    seed: int | None = None
+
+
+class Ble(Model):
+    enabled: bool = True
+    backend: Literal["sim", "bleak"] = "sim"
+    adapter: str = "hci0"
+    sim: SimRate = Field(default_factory=SimRate)
+
+
+class Nfc(Model):
+    enabled: bool = True
+    backend: Literal["sim", "nfcpy"] = "sim"
+    device: str = "usb"  # nfcpy path: usb, usb:072f:2200, tty:AMA0:pn532, udp:127.0.0.1:54321
+    sim: SimRate = Field(default_factory=lambda: SimRate(rate=0.5))
+
+
+class PosLink(Model):
+    name: SpecId
+    backend: Literal["sim", "serial"] = "sim"
+    port: str | None = None
+    baudrate: int = Field(default=9600, gt=0)
+    framing: Literal["lines", "stx_etx", "escpos", "jsonl"] = "lines"
+    sim: SimRate = Field(default_factory=lambda: SimRate(rate=0.2))
+
+    @model_validator(mode="after")
+    def _serial_needs_port(self) -> PosLink:
+        if self.backend == "serial" and not self.port:
+            raise ValueError("backend serial needs port (e.g. /dev/serial/by-id/usb-FTDI_...)")
+        return self
+
+
+class Drivers(Model):
+    ble: Ble = Field(default_factory=Ble)
+    nfc: Nfc = Field(default_factory=Nfc)
+    pos: list[PosLink] = Field(default_factory=list)
+
+    @field_validator("pos")
+    @classmethod
+    def _unique_names(cls, v: list[PosLink]) -> list[PosLink]:
+        names = [p.name for p in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"pos link names must be unique; repeated: {', '.join(sorted(dup))}")
+        return v
+
+
+class Health(Model):
+    enabled: bool = True
+    listen: str = "127.0.0.1:9108"
+    drain_timeout: Duration = Field(default=10.0, gt=0, le=300)
+
+
+class Logging(Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(Model):
+    identity: Identity
+    paths: Paths = Field(default_factory=Paths)
+    privacy: Privacy = Field(default_factory=Privacy)
+    buffer: Buffer = Field(default_factory=Buffer)
+    uplink: Uplink = Field(default_factory=Uplink)
+    drivers: Drivers = Field(default_factory=Drivers)
+    health: Health = Field(default_factory=Health)
+    logging: Logging = Field(default_factory=Logging)
+
+    @property
+    def buffer_path(self) -> Path:
+        return self.paths.state_dir / self.buffer.file
+
+
+__all__ = ["IDENT_CLASSES", "ID_PATTERN", "Config"]
