@@ -1,0 +1,219 @@
+"""Identifiers become pseudonyms on the device; raw values never leave this module.
+
+A pseudonym is `<class>:<key>:<digest>`:
+
+- class: `ble`, `nfc`, `loy`, `mail`, `tel`
+- key: `e<N>` for the ephemeral key of epoch N (rotates; old epochs are unlinkable once
+  their key is shredded) or `s<tenant kid>` for the stable tenant key (consented only)
+- digest: HMAC-SHA256(key, class + "\\x00" + normalized identifier), first 16 bytes,
+  base32 lowercase without padding (26 characters)
+
+Identifiers are normalized first, so every spelling of one identifier yields one
+pseudonym per key. Normalization never raises: a malformed value is hashed as it comes
+out of normalization. Card numbers never get a pseudonym, whatever the configuration.
+
+This runs per event (100k+/s): the HMAC is computed from precomputed SHA-256 inner and
+outer states (RFC 2104) that are copied per call, and the per-class plan is looked up once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Container
+from typing import Literal
+
+import structlog
+
+from edge.config import Privacy
+from edge.errors import KeyError_
+from edge.events import IDENT_CLASSES, Ident, IdentClass
+from edge.privacy.keys import KeyStore
+
+log = structlog.get_logger("edge.privacy.pseudonym")
+
+SHORT: dict[IdentClass, str] = {
+    "ble_address": "ble",
+    "nfc_uid": "nfc",
+    "loyalty_id": "loy",
+    "email": "mail",
+    "phone": "tel",
+}
+
+_Mode = Literal["drop", "ephemeral", "stable"]
+_HEX_SEPARATORS = b":-. _"
+_NON_DIGITS = re.compile(r"[^0-9]+")
+_WS = re.compile(r"[\s-]+")
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> 2 characters
+# 15 bits -> 3 characters: 32768 short strings (~2 MB), worth ~1 us per pseudonym
+_B32_TRIPLES = [a + b + c for a in _B32 for b in _B32 for c in _B32]
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+# Normalizers return the UTF-8 bytes that get hashed (lone surrogates pass through: never raise).
+
+
+def normalize_hex(raw: str) -> bytes:
+    """BLE address / NFC UID: upper hex, no separators (`aa:bb`, `AA-BB`, `aabb.ccdd`, `aabb`)."""
+    return raw.strip().encode("utf-8", "surrogatepass").translate(None, _HEX_SEPARATORS).upper()
+
+
+def normalize_loyalty(raw: str) -> bytes:
+    """Loyalty number: spaces and dashes removed, upper case."""
+    return _WS.sub("", raw).upper().encode("utf-8", "surrogatepass")
+
+
+def normalize_email(raw: str) -> bytes:
+    return raw.strip().lower().encode("utf-8", "surrogatepass")
+
+
+def normalize_phone(raw: str) -> bytes:
+    """Leading `+` and digits only; a leading `00` becomes `+`."""
+    s = raw.strip()
+    digits = _NON_DIGITS.sub("", s)
+    if s.startswith("+"):
+        digits = "+" + digits
+    elif digits.startswith("00"):
+        digits = "+" + digits[2:]
+    return digits.encode()
+
+
+NORMALIZERS: dict[IdentClass, Callable[[str], bytes]] = {
+    "ble_address": normalize_hex,
+    "nfc_uid": normalize_hex,
+    "loyalty_id": normalize_loyalty,
+    "email": normalize_email,
+    "phone": normalize_phone,
+}
+
+
+def normalize(ident: Ident) -> bytes | None:
+    """The normalized form of an identifier (None for card numbers: never hashed)."""
+    norm = NORMALIZERS.get(ident.cls)
+    return None if norm is None else norm(ident.raw)
+
+
+def b32_16(d: bytes) -> str:
+    """Base32 (RFC 4648 alphabet, lowercase, no padding) of exactly 16 bytes: 26 characters."""
+    t = _B32_TRIPLES
+    n = int.from_bytes(d[:15], "big")  # 120 bits = 8 x 15
+    return "".join((
+        t[n >> 105], t[(n >> 90) & 32767], t[(n >> 75) & 32767], t[(n >> 60) & 32767],
+        t[(n >> 45) & 32767], t[(n >> 30) & 32767], t[(n >> 15) & 32767], t[n & 32767],
+        _B32_PAIRS[d[15] << 2],
+    ))  # fmt: skip
+
+
+class _Mac:
+    """HMAC-SHA256 with the class label already absorbed: two state copies per message."""
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, key: bytes, label: bytes) -> None:
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\x00")
+        self.inner = hashlib.sha256(key.translate(_IPAD))
+        self.inner.update(label)
+        self.outer = hashlib.sha256(key.translate(_OPAD))
+
+    def digest16(self, msg: bytes) -> bytes:
+        i = self.inner.copy()
+        i.update(msg)
+        o = self.outer.copy()
+        o.update(i.digest())
+        return o.digest()[:16]
+
+
+class _Lane:
+    """Everything needed to pseudonymize one identifier class, built once."""
+
+    __slots__ = ("eph", "eph_prefix", "fallback", "label", "mode", "norm", "short", "stable", "stable_prefix")
+
+    def __init__(self, cls: IdentClass, mode: _Mode, fallback: _Mode) -> None:
+        self.mode = mode
+        self.fallback = fallback
+        self.short = SHORT[cls]
+        self.norm = NORMALIZERS[cls]
+        self.label = cls.encode() + b"\x00"
+        self.eph = _Mac(b"", self.label)  # replaced by the epoch's key before first use
+        self.eph_prefix = ""
+        self.stable: _Mac | None = None
+        self.stable_prefix = ""
+
+
+class Pseudonymizer:
+    """`pseudonym(ident)` per the configured policy; None means the identifier is dropped."""
+
+    def __init__(self, policy: Privacy, keys: KeyStore, consent: Container[str] | None) -> None:
+        self._keys = keys
+        self._consent = consent
+        self._rotation = float(policy.ephemeral_rotation)
+        self._epoch = -1
+        self._lanes: dict[str, _Lane] = {}
+        for cls in IDENT_CLASSES:
+            if cls == "card_number":
+                continue  # never pseudonymized, whatever the configuration says
+            cp = policy.classes.get(cls)
+            mode: _Mode = cp.policy if cp else "ephemeral"
+            fallback: _Mode = cp.fallback if cp else "ephemeral"
+            if mode != "drop":
+                self._lanes[cls] = _Lane(cls, mode, fallback)
+        stable = sorted(c for c, lane in self._lanes.items() if lane.mode == "stable")
+        if stable:
+            tenant = keys.tenant_key()
+            if tenant is None:
+                raise KeyError_(
+                    f"privacy policy 'stable' for {', '.join(stable)} needs a tenant key",
+                    hint=f"provision {keys.keys_dir}/tenant.key (32 bytes, mode 600) or use policy ephemeral",
+                )
+            tkid, tkey = tenant
+            for name in stable:
+                lane = self._lanes[name]
+                lane.stable = _Mac(tkey, lane.label)
+                lane.stable_prefix = f"{lane.short}:s{tkid}:"
+            if consent is None:
+                log.warning("consent_list_missing", classes=stable, effect="fallback applies to all")
+        self._refresh_ephemeral()
+
+    def _refresh_ephemeral(self) -> None:
+        epoch, key = self._keys.ephemeral(self._rotation)
+        if epoch == self._epoch:
+            return
+        for lane in self._lanes.values():
+            lane.eph = _Mac(key, lane.label)
+            lane.eph_prefix = f"{lane.short}:e{epoch}:"
+        self._epoch = epoch
+
+    def pseudonym(self, ident: Ident) -> str | None:
+        lane = self._lanes.get(ident.cls)
+        if lane is None:
+            return None  # dropped by policy, card number, or unknown class
+        mode = lane.mode
+        if mode == "stable":
+            stable = lane.stable
+            if stable is None:  # not reached: __init__ builds it for every stable lane
+                return None
+            p = lane.stable_prefix + b32_16(stable.digest16(lane.norm(ident.raw)))
+            if self._consent is not None and p in self._consent:
+                return p
+            mode = lane.fallback
+            if mode != "ephemeral":
+                return None
+        if self._keys.ephemeral(self._rotation)[0] != self._epoch:
+            self._refresh_ephemeral()
+        return lane.eph_prefix + b32_16(lane.eph.digest16(lane.norm(ident.raw)))
+
+    def stable_pseudonym(self, ident: Ident) -> str | None:
+        """The stable pseudonym (for building a consent list), or None without a tenant key."""
+        lane = self._lanes.get(ident.cls)
+        if lane is None or lane.stable is None:
+            tenant = self._keys.tenant_key()
+            norm = NORMALIZERS.get(ident.cls)
+            if tenant is None or norm is None:
+                return None
+            mac = _Mac(tenant[1], ident.cls.encode() + b"\x00")
+            return f"{SHORT[ident.cls]}:s{tenant[0]}:{b32_16(mac.digest16(norm(ident.raw)))}"
+        return lane.stable_prefix + b32_16(lane.stable.digest16(lane.norm(ident.raw)))

@@ -1,0 +1,196 @@
+"""Scrubbing personal data out of free text (receipt lines, device strings, log lines).
+
+- `scrub_cards`: payment card numbers (13-19 digits, single spaces or dashes allowed
+  between digits, Luhn-valid) become `[card]`. Digit runs that fail Luhn stay (GTINs,
+  order numbers): an EAN-13 check digit is not a Luhn check digit, so most GTINs stay and
+  the few that happen to be Luhn-valid are scrubbed (the safe side of the trade-off).
+- `scrub_text`: card scrub, then e-mail addresses and phone numbers become their
+  pseudonym (per the privacy policy) or `[email]` / `[phone]` when the policy drops them.
+- `IDENTIFIER_PATTERNS`: identifier-shaped strings for the log scrubber (defence in depth;
+  deliberately greedy, no Luhn check).
+
+All patterns are linear-time (bounded quantifiers, anchored starts) on hostile input.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from edge.events import Ident
+
+if TYPE_CHECKING:
+    from edge.privacy.pseudonym import Pseudonymizer
+
+CARD = "[card]"
+
+# A maximal run of ASCII digits with single space/dash separators, >= 13 digits.
+_CARD_RUN = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}")
+_DIGIT_GROUP = re.compile(r"[0-9]+")
+_SEPARATORS = str.maketrans("", "", " -")
+
+_EMAIL = re.compile(
+    # no lookbehind on purpose: a local part longer than 64 still loses its last 64 and domain
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.){1,126}"
+    r"[A-Za-z][A-Za-z0-9-]{0,61}[A-Za-z0-9](?![A-Za-z0-9-])"
+)
+# International (+49 ..., 0049 ...) or national with trunk prefix (030 ...), 8-17 digits,
+# separators: space, dash, slash, parentheses ("+49 (0)30 1234567"). Dates (dd-mm-yyyy,
+# dd/mm/yy) are not phones.
+# a date ends the number, or is followed by a time ("01/02/26 10:30"); "01-1-00 0000" is a phone
+_DATE = (
+    r"(?:0?[1-9]|[12][0-9]|3[01])([-/.])(?:0?[1-9]|1[0-2])\1(?:(?:19|20)[0-9]{2}|[0-9]{2})"
+    r"(?=$|[^0-9 ()/-]|[ ()/-](?![0-9])|[ T][0-9]{1,2}:)"
+)
+_PHONE = re.compile(
+    rf"(?<![0-9A-Za-z+])(?<![0-9][-/.])\(?(?!{_DATE})"
+    r"(?:\+|0)[0-9](?:[ ()/-]{0,2}[0-9]){6,15}(?![0-9])"
+)
+
+
+def luhn_ok(digits: str) -> bool:
+    """Luhn checksum of an all-digit string."""
+    total = 0
+    double = False
+    for ch in reversed(digits):
+        n = ord(ch) - 48
+        if double:
+            n = n * 2 - 9 if n > 4 else n * 2
+        total += n
+        double = not double
+    return total % 10 == 0
+
+
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: digit d doubled, digits summed
+
+
+class _LuhnWindows:
+    """O(1) Luhn check of any window of a digit string, from two prefix sums.
+
+    In a window ending at index b-1, position p is doubled when (b-1-p) is odd. `even[k]`
+    sums positions < k with even p taken plain and odd p doubled; `odd[k]` the reverse.
+    A window ending at an even index uses `even`, one ending at an odd index `odd`.
+    """
+
+    __slots__ = ("even", "odd")
+
+    def __init__(self, digits: str) -> None:
+        even = [0]
+        odd = [0]
+        e = o = 0
+        for p, ch in enumerate(digits):
+            d = ord(ch) - 48
+            if p & 1:
+                e += _DOUBLED[d]
+                o += d
+            else:
+                e += d
+                o += _DOUBLED[d]
+            even.append(e)
+            odd.append(o)
+        self.even = even
+        self.odd = odd
+
+    def ok(self, a: int, b: int) -> bool:
+        sums = self.odd if (b - 1) & 1 else self.even
+        return (sums[b] - sums[a]) % 10 == 0
+
+
+def _card_spans(run: str) -> list[tuple[int, int]]:
+    """Spans of card numbers within one digit run (relative to the run). Linear time."""
+    digits = run.translate(_SEPARATORS)
+    if len(digits) <= 19 and luhn_ok(digits):
+        return [(0, len(run))]
+    # A card next to other numbers ("2 4111 1111 1111 1111", "4111111111111111 2"): try
+    # contiguous groups aligned on separators, longest first.
+    groups = [(m.start(), m.end()) for m in _DIGIT_GROUP.finditer(run)]
+    if len(groups) < 2:
+        return []
+    starts = [0]  # digit index where each group starts; starts[-1] = total digits
+    for g0, g1 in groups:
+        starts.append(starts[-1] + g1 - g0)
+    luhn = _LuhnWindows(digits)
+    spans = []
+    i = 0
+    while i < len(groups):
+        found = None
+        j = i
+        while j + 1 < len(starts) and starts[j + 1] - starts[i] <= 19:
+            j += 1
+        # groups i..j-1 fit in 19 digits; try the longest window of >= 13 digits first
+        for k in range(j, i, -1):
+            if starts[k] - starts[i] < 13:
+                break
+            if luhn.ok(starts[i], starts[k]):
+                found = k - 1
+                break
+        if found is None:
+            i += 1
+        else:
+            spans.append((groups[i][0], groups[found][1]))
+            i = found + 1
+    return spans
+
+
+def scrub_cards(text: str) -> tuple[str, int]:
+    """Replace every Luhn-valid 13-19 digit card number in `text` by `[card]`; return the count."""
+    if len(text) < 13:
+        return text, 0
+    pos = 0
+    out: list[str] | None = None
+    count = 0
+    for m in _CARD_RUN.finditer(text):
+        spans = _card_spans(m.group())
+        if not spans:
+            continue
+        if out is None:
+            out = []
+        base = m.start()
+        for a, b in spans:
+            out.append(text[pos : base + a])
+            out.append(CARD)
+            pos = base + b
+        count += len(spans)
+    if out is None:
+        return text, 0
+    out.append(text[pos:])
+    return "".join(out), count
+
+
+def scrub_text(text: str, pz: Pseudonymizer) -> str:
+    """Cards removed; e-mails and phone numbers replaced by pseudonyms or `[email]`/`[phone]`."""
+    text, _ = scrub_cards(text)
+    if "@" in text:
+        text = _EMAIL.sub(lambda m: pz.pseudonym(Ident("email", m.group())) or "[email]", text)
+    if len(text) >= 8:
+        text = _PHONE.sub(lambda m: pz.pseudonym(Ident("phone", m.group())) or "[phone]", text)
+    return text
+
+
+_HEX2 = "[0-9A-Fa-f]{2}"
+IDENTIFIER_PATTERNS: dict[str, re.Pattern[str]] = {
+    # 7- or 10-byte NFC UID written with separators (before "mac": longer wins)
+    "nfc_uid": re.compile(
+        rf"(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\1{_HEX2}){{8}}(?![0-9A-Fa-f])"
+        rf"|(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\2{_HEX2}){{5}}(?![0-9A-Fa-f])"
+    ),
+    # MAC address with colons or dashes, any case; Cisco style aabb.ccdd.eeff
+    "mac": re.compile(
+        rf"(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\1{_HEX2}){{4}}(?![0-9A-Fa-f])"
+        r"|(?<![0-9A-Fa-f.])[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}(?![0-9A-Fa-f.])"
+    ),
+    # 13 or more digits with optional single space/dash separators, no Luhn check (defence
+    # in depth: a longer run may hide a card number next to other digits)
+    "card": re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}"),
+    "email": _EMAIL,
+    "phone": _PHONE,
+}
+
+
+def redact_identifiers(text: str) -> str:
+    """Every identifier-shaped substring becomes `[redacted:<kind>]` (for log lines)."""
+    if len(text) < 6:  # shorter than the shortest pattern ("a@b.de")
+        return text
+    for kind, pattern in IDENTIFIER_PATTERNS.items():
+        text = pattern.sub(f"[redacted:{kind}]", text)
+    return text

@@ -1,0 +1,274 @@
+"""Free-text scrubbing: card numbers, e-mails, phone numbers; identifier patterns for logs."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.clock import FakeClock
+from edge.config import ClassPolicy, Privacy
+from edge.privacy.keys import KeyStore
+from edge.privacy.pseudonym import Pseudonymizer
+from edge.privacy.scrub import IDENTIFIER_PATTERNS, luhn_ok, redact_identifiers, scrub_cards, scrub_text
+
+# Luhn-valid test card numbers (issuers' published test numbers and constructed ones)
+CARDS = {
+    13: "4222222222222",
+    15: "378282246310005",
+    16: "4111111111111111",
+    19: "6220000000000000008",
+}
+MORE_CARDS = ["5555555555554444", "4012888888881881", "6011111111111117", "4000000000000000006"]
+GTIN_NOT_LUHN = "4006381333931"  # valid EAN-13 check digit, fails Luhn: must stay
+GTIN_AND_LUHN = "5901234123457"  # valid EAN-13 that happens to pass Luhn too: scrubbed (safe side)
+NOT_LUHN_16 = "4111111111111112"
+
+
+def grouped(num: str, sep: str, size: int = 4) -> str:
+    return sep.join(num[i : i + size] for i in range(0, len(num), size))
+
+
+@pytest.mark.parametrize("length", sorted(CARDS))
+@pytest.mark.parametrize("sep", ["", " ", "-"])
+def test_card_numbers_of_every_length_and_separator_are_scrubbed(length: int, sep: str) -> None:
+    card = grouped(CARDS[length], sep)
+    text = f"VISA {card} approved"
+    assert scrub_cards(text) == ("VISA [card] approved", 1)
+
+
+@pytest.mark.parametrize("card", MORE_CARDS)
+def test_more_card_numbers(card: str) -> None:
+    assert scrub_cards(f"x{card}x") == ("x[card]x", 1)
+    assert scrub_cards(grouped(card, " ")) == ("[card]", 1)
+
+
+def test_mixed_single_separators_are_one_card() -> None:
+    assert scrub_cards("4111-1111 1111-1111") == ("[card]", 1)
+
+
+def test_luhn_invalid_digit_runs_stay() -> None:
+    for text in [NOT_LUHN_16, grouped(NOT_LUHN_16, " "), f"EAN {GTIN_NOT_LUHN} Milch 1,29", "123456789012"]:
+        assert scrub_cards(text) == (text, 0)
+
+
+def test_gtin_check_digit_differs_from_luhn() -> None:
+    """EAN-13 is not Luhn: a GTIN failing Luhn stays; the rare Luhn-valid GTIN is scrubbed."""
+    assert not luhn_ok(GTIN_NOT_LUHN)
+    assert luhn_ok(GTIN_AND_LUHN)
+    assert scrub_cards(GTIN_NOT_LUHN) == (GTIN_NOT_LUHN, 0)
+    assert scrub_cards(GTIN_AND_LUHN) == ("[card]", 1)
+
+
+def test_card_next_to_other_numbers_is_found() -> None:
+    """A quantity or a second card in the same digit run does not hide a card."""
+    assert scrub_cards("2 4111 1111 1111 1111") == ("2 [card]", 1)
+    assert scrub_cards("4111111111111111 2") == ("[card] 2", 1)
+    # when the whole run happens to be Luhn-valid it goes as one (the safe side)
+    assert scrub_cards("4111111111111111 3") == ("[card]", 1)
+    assert scrub_cards("4111111111111111 5555555555554444") == ("[card] [card]", 2)
+    assert scrub_cards("Karte: 4111111111111111, Betrag 12,00") == ("Karte: [card], Betrag 12,00", 1)
+
+
+def test_double_separators_split_numbers() -> None:
+    text = "4111  1111  1111  1111"  # not a card per the rule (single separators only)
+    assert scrub_cards(text) == (text, 0)
+
+
+def test_short_text_is_returned_unchanged() -> None:
+    s = "Total 12.99"
+    out, n = scrub_cards(s)
+    assert out is s
+    assert n == 0
+
+
+def test_long_hostile_input_is_linear() -> None:
+    """No catastrophic backtracking on digit or separator soup."""
+    inputs = [
+        "1" * 200_000,
+        "1 " * 100_000,
+        "1-" * 100_000,
+        "a" * 100_000 + "@",
+        "0 " * 100_000,
+        "+" * 100_000,
+    ]
+    start = time.monotonic()
+    for s in inputs:
+        scrub_cards(s)
+        redact_identifiers(s)
+    assert time.monotonic() - start < 20.0
+
+
+@pytest.fixture
+def pz_drop(tmp_path: Path) -> Pseudonymizer:
+    keys = KeyStore(tmp_path / "keys", FakeClock())
+    keys.init()
+    return Pseudonymizer(Privacy(), keys, None)  # default: e-mail and phone dropped
+
+
+@pytest.fixture
+def pz_eph(tmp_path: Path) -> Pseudonymizer:
+    keys = KeyStore(tmp_path / "keys2", FakeClock())
+    keys.init()
+    policy = Privacy(
+        classes={"email": ClassPolicy(policy="ephemeral"), "phone": ClassPolicy(policy="ephemeral")}
+    )
+    return Pseudonymizer(policy, keys, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("Mail: anna.muster@example.com danke", "Mail: [email] danke"),
+        ("<Max+shop@mail.example.co.uk>", "<[email]>"),
+        ("Tel +49 30 1234567.", "Tel [phone]."),
+        ("Tel 0049 30 1234567", "Tel [phone]"),
+        ("Tel 030 1234567", "Tel [phone]"),
+        ("Tel 030/1234567-0", "Tel [phone]"),
+        ("Tel +49 (0)30 123 45 67", "Tel [phone]"),
+        ("(030) 1234567", "[phone]"),
+        ("01-1-00 0000", "[phone]"),  # date-like start, but the number goes on
+        ("Karte 4111 1111 1111 1111 Tel 0301234567", "Karte [card] Tel [phone]"),
+    ],
+)
+def test_scrub_text_drops_contact_data(pz_drop: Pseudonymizer, text: str, want: str) -> None:
+    assert scrub_text(text, pz_drop) == want
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Datum 01.02.2026 10:30",
+        "Datum 01-02-2026",
+        "Datum 31/12/26",
+        "01/02/2026 10:30 Kasse 3",
+        "Summe 0,99 EUR",
+        "Bon 1234",
+        "MwSt 19% 12.34",
+        "Filiale 0815",
+        f"EAN {GTIN_NOT_LUHN}",
+    ],
+)
+def test_scrub_text_leaves_ordinary_receipt_text(pz_drop: Pseudonymizer, text: str) -> None:
+    assert scrub_text(text, pz_drop) == text
+
+
+def test_scrub_text_uses_pseudonyms_when_policy_keeps_them(pz_eph: Pseudonymizer) -> None:
+    """One pseudonym per address, whatever the spelling in the text."""
+    out = scrub_text("a Anna@Example.com b anna@example.com c +49 30 1234567 d 0049-30-1234567", pz_eph)
+    m = re.fullmatch(
+        r"a (mail:e1:[a-z2-7]{26}) b (mail:e1:[a-z2-7]{26}) c (tel:e1:[a-z2-7]{26}) d (tel:e1:\S+)", out
+    )
+    assert m, out
+    assert m.group(1) == m.group(2)
+    assert m.group(3) == m.group(4)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("aa:bb:cc:dd:ee:ff", "mac"),
+        ("AA-BB-CC-DD-EE-FF", "mac"),
+        ("Aa:bB:00:11:22:33", "mac"),
+        ("aabb.ccdd.eeff", "mac"),
+        ("04:A2:3B:1C:5D:80:00", "nfc_uid"),
+        ("04-a2-3b-1c-5d-80-00-11-22-33", "nfc_uid"),
+        ("4111 1111 1111 1111", "card"),
+        ("4111111111111112", "card"),  # logs: no Luhn check
+        ("x@example.org", "email"),
+        ("+49 30 1234567", "phone"),
+    ],
+)
+def test_identifier_patterns_match_identifier_shapes(text: str, kind: str) -> None:
+    assert IDENTIFIER_PATTERNS[kind].search(text)
+    assert redact_identifiers(f"id {text};") == f"id [redacted:{kind}];"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["connected", "seq=42 kid=21fe31dfa154a261", "10:30:00", "2026-01-01T00:00:00Z", "v1.2.3", "aa:bb:cc"],
+)
+def test_identifier_patterns_leave_ordinary_log_text(text: str) -> None:
+    assert redact_identifiers(text) == text
+
+
+# -- fuzz ---------------------------------------------------------------------------------
+
+_luhn_cards = st.sampled_from([*CARDS.values(), *MORE_CARDS])
+_boundary = st.sampled_from([" ", "-", "\n", ":", "x", "(", "/", " - "])
+
+
+@st.composite
+def card_spellings(draw: st.DrawFn) -> tuple[str, str]:
+    """(digits, spelling with random single space/dash separators between digits)."""
+    card = draw(_luhn_cards)
+    seps = draw(
+        st.lists(st.sampled_from(["", "", "", " ", "-"]), min_size=len(card) - 1, max_size=len(card) - 1)
+    )
+    return card, card[0] + "".join(s + d for s, d in zip(seps, card[1:], strict=True))
+
+
+@settings(derandomize=True, max_examples=400, deadline=None)
+@given(
+    prefix=st.text(max_size=40),
+    card=card_spellings(),
+    b1=_boundary,
+    b2=_boundary,
+    suffix=st.text(max_size=40),
+)
+def test_fuzz_no_card_survives(prefix: str, card: tuple[str, str], b1: str, b2: str, suffix: str) -> None:
+    """Whatever surrounds a Luhn-valid card number (not glued digit-to-digit), it is gone."""
+    digits, spelled = card
+    out, n = scrub_cards(prefix + b1 + spelled + b2 + suffix)
+    assert n >= 1
+    assert digits not in re.sub(r"[ -]", "", out)
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(text=st.text(max_size=200))
+def test_fuzz_scrubbers_never_raise(pz_fuzz: Pseudonymizer, text: str) -> None:
+    out, n = scrub_cards(text)
+    assert n >= 0
+    assert isinstance(out, str)
+    assert isinstance(scrub_text(text, pz_fuzz), str)
+    assert isinstance(redact_identifiers(text), str)
+
+
+_safe_text = st.text(alphabet=st.characters(categories=["Lu", "Ll", "Zs"]), max_size=30)
+
+
+@settings(derandomize=True, max_examples=200, deadline=None)
+@given(prefix=_safe_text, email=st.emails(), suffix=_safe_text)
+def test_fuzz_no_email_survives(pz_fuzz: Pseudonymizer, prefix: str, email: str, suffix: str) -> None:
+    out = scrub_text(f"{prefix} {email} {suffix}", pz_fuzz)
+    assert email not in out
+    assert email.lower() not in out.lower()
+
+
+@st.composite
+def phones(draw: st.DrawFn) -> str:
+    prefix = draw(st.sampled_from(["+", "00", "0"]))
+    first = draw(st.sampled_from("123456789"))
+    rest = draw(st.text(alphabet="0123456789", min_size=7, max_size=11))
+    seps = draw(st.lists(st.sampled_from(["", "", " ", "-", "/"]), min_size=len(rest), max_size=len(rest)))
+    return prefix + first + "".join(s + d for s, d in zip(seps, rest, strict=True))
+
+
+@settings(derandomize=True, max_examples=200, deadline=None)
+@given(prefix=_safe_text, phone=phones(), suffix=_safe_text)
+def test_fuzz_no_phone_survives(pz_fuzz: Pseudonymizer, prefix: str, phone: str, suffix: str) -> None:
+    out = scrub_text(f"{prefix} {phone} {suffix}", pz_fuzz)
+    digits = re.sub(r"[^0-9]", "", phone)
+    assert digits not in re.sub(r"[^0-9]", "", out)
+
+
+@pytest.fixture(scope="module")
+def pz_fuzz(tmp_path_factory: pytest.TempPathFactory) -> Pseudonymizer:
+    """Drop-by-default pseudonymizer shared by fuzz examples."""
+    keys = KeyStore(tmp_path_factory.mktemp("scrubkeys") / "keys", FakeClock())
+    keys.init()
+    return Pseudonymizer(Privacy(), keys, None)
