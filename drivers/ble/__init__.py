@@ -1,0 +1,5 @@
+"""BLE: phones' advertisements (presence) and the store's beacons."""
+
+from drivers.ble.facade import BleDriver
+
+__all__ = ["BleDriver"]

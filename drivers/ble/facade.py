@@ -1,0 +1,58 @@
+"""The BLE driver facade: one `BleDriver` over a backend chosen by `drivers.ble.backend`."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from drivers.base import (
+    Backend,
+    BackendFactory,
+    Backoff,
+    Driver,
+    SimOptions,
+    Sleep,
+    not_implemented,
+    resolve_backend,
+)
+from edge.clock import Clock
+from edge.config import Ble
+
+
+def default_backend(cfg: Ble, clock: Clock, sim: SimOptions | None = None) -> Backend:
+    """The backend `cfg.backend` names, imported only now that it is chosen."""
+    if cfg.backend == "sim":
+        from drivers.ble.sim import BleSim
+
+        opts = sim or SimOptions()
+        return BleSim(cfg, clock, inject=opts.inject, limit=opts.limit, sleep=opts.sleep)
+    # "bleak": the real backend lands in its own issue (drivers/ble/bleak.py, imported here)
+    raise not_implemented("ble", cfg.backend)
+
+
+class BleDriver(Driver):
+    """BLE advertisements and beacons (`src="ble"`).
+
+    `backend`: None chooses by `cfg.backend`; otherwise an instance, or a class/factory
+    called as `backend(cfg, clock)`.
+    """
+
+    os_error_hint = (
+        "check the adapter with `bluetoothctl show` (powered, not rfkill-blocked)"
+        " and that the service user may use BlueZ over D-Bus"
+    )
+
+    def __init__(
+        self,
+        cfg: Ble,
+        clock: Clock,
+        backend: Backend | BackendFactory[Ble] | None = None,
+        *,
+        sim: SimOptions | None = None,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        chosen = default_backend(cfg, clock, sim) if backend is None else resolve_backend(backend, cfg, clock)
+        super().__init__("ble", "ble", chosen, clock, sleep=sleep, rng=rng, backoff=backoff)
+        self.cfg = cfg

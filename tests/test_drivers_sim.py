@@ -1,0 +1,368 @@
+"""The simulated backends: realistic readings of the promised types, deterministic for a
+seed, paced at the configured rate on the injected clock (and fast when asked), and
+carrying injected raw identifiers early on (the simulations' part of the leak test)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import re
+import statistics
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from drivers.base import classify_injected
+from drivers.ble.sim import BleSim, random_private_address
+from drivers.nfc.sim import NfcSim
+from drivers.pos.receipt import parse_receipt
+from drivers.pos.sim import PosSim
+from edge.clock import FakeClock, SystemClock
+from edge.config import Ble, Nfc, PosLink, SimRate
+from edge.events import Ident, Reading
+
+MAC = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
+HEX14 = re.compile(r"^04[0-9A-F]{12}$")
+
+
+class FakeSleep:
+    """Advances the FakeClock instead of sleeping; records each delay."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        self.clock.advance(seconds)
+        await asyncio.sleep(0)
+
+
+async def take(it: AsyncIterator[Reading]) -> list[Reading]:
+    return [r async for r in it]
+
+
+def gtin13_ok(code: str) -> bool:
+    """GS1 check digit, written out independently of the code under test."""
+    if len(code) != 13 or not code.isdigit():
+        return False
+    s = sum(int(d) * (1 if i % 2 == 0 else 3) for i, d in enumerate(code[:12]))
+    return (10 - s % 10) % 10 == int(code[12])
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def valid_random_address(mac: str) -> bool:
+    """BLE Core spec Vol 6 Part B 1.3.2: static (top bits 11) or resolvable private (01),
+    random parts neither all zeros nor all ones."""
+    if not MAC.match(mac):
+        return False
+    v = int(mac.replace(":", ""), 16)
+    top = v >> 46
+    if top == 0b11:
+        rand = v & ((1 << 46) - 1)
+        return rand not in (0, (1 << 46) - 1)
+    if top == 0b01:
+        prand_rand = (v >> 24) & ((1 << 22) - 1)
+        return prand_rand not in (0, (1 << 22) - 1)
+    return False
+
+
+def shape(r: Reading) -> tuple[Any, ...]:
+    return (
+        r.type,
+        r.ts,
+        sorted(r.data.items()),
+        sorted((k, v.cls, v.raw) for k, v in r.ids.items()),
+        dict(r.text),
+    )
+
+
+# -- BLE --------------------------------------------------------------------------------
+
+
+async def test_ble_sim_yields_presence_adverts_and_beacons_realistically() -> None:
+    """At the default rate the store runs in real time: phones enter, are sighted with a
+    plausible RSSI, and leave after minutes with dwell_ms = exit ts - enter ts; beacons
+    advertise iBeacon / Eddystone identities with battery and carry no ids."""
+    clock = FakeClock()
+    sim = BleSim(Ble(sim=SimRate(rate=5, seed=7)), clock, limit=6000, sleep=FakeSleep(clock))
+    got = await take(sim.readings())
+    assert len(got) == 6000
+    counts = Counter(r.type for r in got)
+    assert set(counts) == {"presence.enter", "presence.exit", "ble.adv", "beacon.seen"}
+    assert counts["ble.adv"] > counts["beacon.seen"] > counts["presence.enter"] >= counts["presence.exit"] > 5
+    assert all(a.ts <= b.ts for a, b in itertools.pairwise(got))
+    entered: dict[str, int] = {}
+    dwells = []
+    for r in got:
+        assert r.src == "ble"
+        if r.type == "beacon.seen":
+            assert r.ids == {}
+            assert 0 <= r.data["battery_pct"] <= 100
+            assert -100 <= r.data["rssi"] <= -30
+            if r.data["frame"] == "ibeacon":
+                assert re.match(r"^[0-9A-F]{8}-([0-9A-F]{4}-){3}[0-9A-F]{12}$", r.data["uuid"])
+                assert 0 <= r.data["major"] <= 65535
+                assert 0 <= r.data["minor"] <= 65535
+            else:
+                assert r.data["frame"] == "eddystone_uid"
+                assert re.match(r"^[0-9a-f]{20}$", r.data["namespace"])
+                assert re.match(r"^[0-9a-f]{12}$", r.data["instance"])
+            continue
+        assert set(r.ids) == {"device"}
+        ident = r.ids["device"]
+        assert ident.cls == "ble_address"
+        assert valid_random_address(ident.raw)
+        assert r.data["kind"] == "phone"
+        assert not any(ident.raw in str(v) for v in r.data.values())
+        if r.type == "presence.enter":
+            assert ident.raw not in entered
+            entered[ident.raw] = r.ts
+        else:
+            assert ident.raw in entered  # sighted or leaving only while present
+            if r.type == "presence.exit":
+                assert r.data["dwell_ms"] == r.ts - entered.pop(ident.raw)
+                dwells.append(r.data["dwell_ms"])
+            else:
+                assert -100 <= r.data["rssi"] <= -30
+                assert r.data.get("tx_power", 0) in (0, 4, 7, 8, 12)
+    assert all(20_000 <= d <= 3_300_000 for d in dwells)  # ~30 s .. 45 min of store time
+    assert 60_000 <= statistics.median(dwells) <= 900_000
+
+
+async def test_ble_sim_is_deterministic_for_a_seed() -> None:
+    async def run(seed: int) -> list[tuple[Any, ...]]:
+        clock = FakeClock()
+        sim = BleSim(Ble(sim=SimRate(rate=5, seed=seed)), clock, limit=500, sleep=FakeSleep(clock))
+        return [shape(r) for r in await take(sim.readings())]
+
+    assert await run(11) == await run(11)
+    assert await run(11) != await run(12)
+
+
+def test_random_private_addresses_have_the_spec_shape() -> None:
+    rng = random.Random(5)
+    for kind in ("resolvable", "static"):
+        addrs = [random_private_address(rng, kind) for _ in range(3000)]
+        assert all(valid_random_address(a) for a in addrs)
+        assert len(set(addrs)) == len(addrs)
+    assert all(int(random_private_address(rng, "resolvable")[:2], 16) >> 6 == 0b01 for _ in range(100))
+    assert all(int(random_private_address(rng, "static")[:2], 16) >> 6 == 0b11 for _ in range(100))
+
+
+# -- NFC --------------------------------------------------------------------------------
+
+
+async def test_nfc_sim_yields_product_and_loyalty_taps() -> None:
+    """Product taps carry a valid GTIN-13 and the store tag (no ids); loyalty taps carry
+    the card UID and loyalty number only as identifiers, never in data."""
+    clock = FakeClock()
+    sim = NfcSim(Nfc(sim=SimRate(rate=0.5, seed=3)), clock, limit=600, sleep=FakeSleep(clock))
+    got = await take(sim.readings())
+    kinds = Counter(r.data["kind"] for r in got)
+    assert set(kinds) == {"product", "loyalty"}
+    assert 0.2 <= kinds["loyalty"] / len(got) <= 0.4
+    for r in got:
+        assert (r.src, r.type) == ("nfc", "nfc.tap")
+        if r.data["kind"] == "product":
+            assert gtin13_ok(r.data["gtin"])
+            assert r.data["tag_type"] == "Type2"
+            assert HEX14.match(r.data["tag"])
+            assert r.ids == {}
+        else:
+            assert set(r.data) == {"kind", "tag_type"}
+            assert r.data["tag_type"] in ("Type2", "Type4")
+            assert set(r.ids) == {"card", "loyalty"}
+            assert r.ids["card"].cls == "nfc_uid"
+            assert HEX14.match(r.ids["card"].raw)
+            assert r.ids["loyalty"].cls == "loyalty_id"
+            assert re.match(r"^\d{12}$", r.ids["loyalty"].raw)
+    loyal = Counter(r.ids["loyalty"].raw for r in got if r.ids)
+    assert loyal.most_common(1)[0][1] >= 2  # returning customers tap again
+    products = Counter(r.data["gtin"] for r in got if r.data["kind"] == "product")
+    assert products.most_common(1)[0][1] >= 5 * min(products.values())  # some products are popular
+
+
+# -- POS --------------------------------------------------------------------------------
+
+PAN_LINE = re.compile(r"^(VISA|MASTERCARD|MAESTRO|AMEX|GIROCARD|CARD) ([\d ]{13,23}?)\s{2,}\d+\.\d\d$", re.M)
+
+
+def scrub_cards(text: str) -> str:
+    """What the pipeline's card scrubber does, approximately: full PANs become [card]."""
+
+    def repl(m: re.Match[str]) -> str:
+        return f"{m[1]} [card]" if luhn_ok(m[2].replace(" ", "")) else m[0]
+
+    return PAN_LINE.sub(repl, text)
+
+
+async def test_pos_sim_prints_receipts_a_printer_tap_would_see() -> None:
+    """Receipt text with header, items, TOTAL, masked cards; now and then a full card
+    number (~5 %), an e-mail (~5 %) or a phone (~3 %); totals add up once parsed."""
+    clock = FakeClock()
+    sim = PosSim(
+        PosLink(name="till-1", sim=SimRate(rate=0.2, seed=5)), clock, limit=400, sleep=FakeSleep(clock)
+    )
+    got = await take(sim.readings())
+    full_pans = emails = phones = loyalty = 0
+    receipt_ids = set()
+    for r in got:
+        assert (r.src, r.type) == ("pos", "pos.receipt_text")
+        assert r.data == {"register": "till-1"}
+        assert r.ids == {}
+        text = r.text["receipt"]
+        assert "Register: till-1" in text
+        assert "\nTOTAL EUR" in text
+        full_pans += sum(1 for m in PAN_LINE.finditer(text) if luhn_ok(m[2].replace(" ", "")))
+        emails += "Receipt sent to " in text and bool(re.search(r"\S+@\S+\.\w+", text))
+        phones += "Delivery contact: +" in text
+        loyalty += bool(re.search(r"^Loyalty: \d{12}$", text, re.M))
+        data, ids = parse_receipt(scrub_cards(text), "till-1")
+        assert data["items"]
+        lines = [
+            round(it["qty"] * it["price_cents"])
+            if isinstance(it["qty"], int)
+            else (round(it["qty"] * 1000) * it["price_cents"] + 500) // 1000
+            for it in data["items"]
+        ]
+        assert data["total_cents"] == sum(lines)
+        assert data["currency"] == "EUR"
+        assert data["payment"] in ("visa", "mastercard", "maestro", "amex", "girocard", "cash")
+        assert all(("gtin" in it) != ("sku" in it) for it in data["items"])
+        assert all(gtin13_ok(it["gtin"]) for it in data["items"] if "gtin" in it)
+        assert set(ids) <= {"loyalty"}
+        receipt_ids.add(data["receipt_id"])
+    assert len(receipt_ids) == 400
+    assert 5 <= full_pans <= 40
+    assert 5 <= emails <= 40
+    assert 2 <= phones <= 30
+    assert 100 <= loyalty <= 220
+
+
+async def test_two_pos_links_with_one_seed_print_different_receipts() -> None:
+    clock = FakeClock()
+    a = PosSim(PosLink(name="till-1", sim=SimRate(seed=1)), clock, limit=3, sleep=FakeSleep(clock))
+    b = PosSim(PosLink(name="till-2", sim=SimRate(seed=1)), clock, limit=3, sleep=FakeSleep(clock))
+    ta = [r.text["receipt"] for r in await take(a.readings())]
+    tb = [r.text["receipt"] for r in await take(b.readings())]
+    assert ta != tb
+
+
+# -- pacing -----------------------------------------------------------------------------
+
+
+async def test_rate_is_readings_per_second_on_the_injected_clock() -> None:
+    """1000 readings at 5/s take ~200 s of (fake) time and almost no real time."""
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    sim = NfcSim(Nfc(sim=SimRate(rate=5, seed=1)), clock, limit=1000, sleep=sleep)
+    start_mono, start_wall, t0 = clock.monotonic(), clock.wall_ms(), time.perf_counter()
+    got = await take(sim.readings())
+    assert len(got) == 1000
+    assert 175 <= clock.monotonic() - start_mono <= 225
+    assert 175_000 <= got[-1].ts - start_wall <= 225_000
+    assert all(d > 0 for d in sleep.delays)
+    assert time.perf_counter() - t0 < 1.0
+
+
+async def test_fast_mode_does_not_sleep_per_reading() -> None:
+    """At a very high rate the simulation sleeps only once in a few hundred readings."""
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    sim = BleSim(Ble(sim=SimRate(rate=200_000, seed=1)), clock, limit=50_000, sleep=sleep)
+    t0 = time.perf_counter()
+    got = await take(sim.readings())
+    assert len(got) == 50_000
+    assert 0 < len(sleep.delays) <= 50_000 / 100
+    assert clock.monotonic() - 1000.0 == pytest.approx(50_000 / 200_000, rel=0.05)
+    assert time.perf_counter() - t0 < 10
+
+
+async def test_fast_mode_with_the_real_clock_yields_to_the_loop() -> None:
+    """With the system clock and a slower consumer: only sleep(0) now and then."""
+    delays: list[float] = []
+
+    async def recording_sleep(s: float) -> None:
+        delays.append(s)
+        await asyncio.sleep(s)
+
+    sim = NfcSim(Nfc(sim=SimRate(rate=1_000_000, seed=1)), SystemClock(), limit=20_000, sleep=recording_sleep)
+    got = await take(sim.readings())
+    assert len(got) == 20_000
+    assert len(delays) <= 20_000 / 50
+    assert sum(delays) < 0.5
+
+
+# -- injected identifiers (the simulations' part of the leak test) ------------------------
+
+INJECT = [
+    "D2:4B:11:7C:3A:9E",
+    "04A1B2C3D4E5F6",
+    "123456789012",
+    "4111111111111111",
+    "jane.leaktest@example.com",
+    "+44 7700 900999",
+]
+
+
+async def test_injected_identifiers_appear_in_the_first_readings() -> None:
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    ble = await take(BleSim(Ble(sim=SimRate(seed=1)), clock, inject=INJECT, limit=50, sleep=sleep).readings())
+    assert ble[0].type == "presence.enter"
+    assert ble[0].ids["device"] == Ident("ble_address", "D2:4B:11:7C:3A:9E")
+    nfc = await take(NfcSim(Nfc(sim=SimRate(seed=1)), clock, inject=INJECT, limit=50, sleep=sleep).readings())
+    assert nfc[0].data["kind"] == "loyalty"
+    assert nfc[0].ids == {
+        "card": Ident("nfc_uid", "04A1B2C3D4E5F6"),
+        "loyalty": Ident("loyalty_id", "123456789012"),
+    }
+    assert all(r.ids.get("card") != nfc[0].ids["card"] for r in nfc[1:])
+    pos = await take(PosSim(PosLink(name="till-1"), clock, inject=INJECT, limit=3, sleep=sleep).readings())
+    first = pos[0].text["receipt"]
+    assert "VISA 4111111111111111" in first
+    assert "Loyalty: 123456789012" in first
+    assert "Receipt sent to jane.leaktest@example.com" in first
+    assert "Delivery contact: +44 7700 900999" in first
+    assert not any(raw in r.text["receipt"] for r in pos[1:] for raw in INJECT[3:])
+
+
+async def test_several_injected_values_of_a_class_go_to_successive_readings() -> None:
+    clock = FakeClock()
+    inject = ["nfc_uid:04000000000001", "nfc_uid:04000000000002", "loyalty_id:5550001"]
+    nfc = await take(
+        NfcSim(Nfc(sim=SimRate(seed=2)), clock, inject=inject, limit=2, sleep=FakeSleep(clock)).readings()
+    )
+    assert [r.ids["card"].raw for r in nfc] == ["04000000000001", "04000000000002"]
+    assert nfc[0].ids["loyalty"].raw == "5550001"
+    assert re.match(r"^\d{12}$", nfc[1].ids["loyalty"].raw)  # filled in from the pool
+
+
+def test_injected_identifiers_are_classified_by_shape_or_prefix() -> None:
+    got = classify_injected([*INJECT, "email:not-an-address", "phone:07700 900123"])
+    assert {k: list(v) for k, v in got.items() if v} == {
+        "ble_address": ["D2:4B:11:7C:3A:9E"],
+        "nfc_uid": ["04A1B2C3D4E5F6"],
+        "loyalty_id": ["123456789012"],
+        "card_number": ["4111111111111111"],
+        "email": ["jane.leaktest@example.com", "not-an-address"],
+        "phone": ["+44 7700 900999", "07700 900123"],
+    }
+
+
+def test_unrecognized_injected_identifier_is_rejected_without_echoing_it() -> None:
+    with pytest.raises(ValueError, match="#1") as err:
+        classify_injected(["04A1B2C3D4E5F6", "zz-secret-zz"])
+    assert "zz-secret-zz" not in str(err.value)
