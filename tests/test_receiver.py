@@ -1,0 +1,507 @@
+"""The reference receiver against a real mosquitto: store, dedupe, chain, rejections, acks.
+
+Each test publishes sealed batches as a device would and reads the acks the receiver sends
+back; what was stored is read from the receiver's JSON-lines output and SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from structlog.testing import capture_logs
+from support.certs import CertPaths
+from support.mosquitto import Mosquitto
+
+from edge.clock import FakeClock
+from edge.config import Tls
+from edge.errors import ConfigError
+from edge.uplink.receiver import Receiver
+from edge.uplink.receiver_config import ReceiverConfig, load_receiver_config
+from edge.uplink.wire import Ack, encode_event, kid_of, parse_ack, public_raw, seal_batch, verify_ack
+
+pytestmark = pytest.mark.mosquitto
+
+PREFIX = "edge/v1"
+WAIT = 10.0  # seconds any single expected ack may take
+
+
+class Device:
+    """Seals a chain of batches the way an edge device does (seq from 1, prev linking headers)."""
+
+    def __init__(self, name: str = "edge-01", *, key: Ed25519PrivateKey | None = None) -> None:
+        self.ids = ("acme", "s001", name)
+        self.key = key or Ed25519PrivateKey.generate()
+        self.raw = public_raw(self.key.public_key())
+        self.seq = 0
+        self.prev = bytes(32)
+        self.next_id = 1
+
+    @property
+    def topic(self) -> str:
+        return f"{PREFIX}/{'/'.join(self.ids)}/batch"
+
+    def register(self, keys_dir: Path) -> None:
+        (keys_dir / f"{self.ids[2]}.pub").write_text(self.raw.hex() + "\n")
+
+    def seal(self, n_events: int = 3, *, seq: int | None = None, prev: bytes | None = None,
+             tag: str = "x", extra: dict[str, Any] | None = None) -> tuple[int, bytes, bytes]:  # fmt: skip
+        """(seq, hh, payload) of the next batch; `seq`/`prev` override the chain (for attacks)."""
+        chained = seq is None
+        s = self.seq + 1 if seq is None else seq
+        p = self.prev if prev is None else prev
+        events: list[dict[str, Any]] = [
+            {"id": self.next_id + i, "ts": 1767225600000 + i, "src": "edge", "type": "edge.tick",
+             "data": {"tag": tag, "i": i}, **(extra or {})}
+            for i in range(n_events)
+        ]  # fmt: skip
+        self.next_id += n_events
+        payload, hh = seal_batch(
+            tenant=self.ids[0], store=self.ids[1], device=self.ids[2], seq=s, prev=p,
+            event_bodies=[encode_event(e) for e in events], first=events[0]["id"], last=events[-1]["id"],
+            t_ms=1767225600000, sync=True, key=self.key, kid=kid_of(self.raw), compression="zlib",
+        )  # fmt: skip
+        if chained:
+            self.seq, self.prev = s, hh
+        return s, hh, payload
+
+    def restart_from_scratch(self) -> None:
+        """The device lost its state: a new chain from seq 1 (same key)."""
+        self.seq, self.prev = 0, bytes(32)
+
+
+class Publisher:
+    """A device-side MQTT client: publishes payloads and collects the acks per (device, seq)."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.acks: dict[tuple[str, int], list[Ack]] = defaultdict(list)
+        self.raw_acks: list[tuple[str, bytes]] = []
+        self._changed = asyncio.Event()
+
+    async def listen(self) -> None:
+        async for m in self.client.messages:
+            assert isinstance(m.payload, bytes)
+            device = m.topic.value.split("/")[-2]
+            self.raw_acks.append((m.topic.value, m.payload))
+            ack = parse_ack(m.payload)
+            self.acks[(device, ack.seq)].append(ack)
+            self._changed.set()
+
+    async def send(self, topic: str, payload: bytes) -> None:
+        await self.client.publish(topic, payload, qos=1)
+
+    async def ack(self, device: str, seq: int, *, count: int = 1) -> Ack:
+        """The `count`-th ack for (device, seq), waiting for it."""
+        async with asyncio.timeout(WAIT):
+            while len(self.acks[(device, seq)]) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.acks[(device, seq)][count - 1]
+
+    async def roundtrip(self, dev: Device, seq: int, payload: bytes, *, topic: str | None = None) -> Ack:
+        count = len(self.acks[(dev.ids[2], seq)]) + 1
+        await self.send(topic or dev.topic, payload)
+        return await self.ack(dev.ids[2], seq, count=count)
+
+
+@asynccontextmanager
+async def publisher(broker: Mosquitto) -> AsyncIterator[Publisher]:
+    ident = f"pub-{os.getpid()}-{time.monotonic_ns()}"
+    async with aiomqtt.Client(broker.host, broker.port, identifier=ident) as c:
+        await c.subscribe(f"{PREFIX}/+/+/+/ack", qos=1)
+        pub = Publisher(c)
+        task = asyncio.create_task(pub.listen())
+        try:
+            yield pub
+        finally:
+            task.cancel()
+
+
+def make_cfg(tmp_path: Path, url: str, *, name: str = "r1", **changes: Any) -> ReceiverConfig:
+    keys = tmp_path / "keys"
+    keys.mkdir(exist_ok=True)
+    fields: dict[str, Any] = {
+        "broker": url, "client_id": f"receiver-{name}", "keys_dir": keys,
+        "db": tmp_path / name / "receiver.db", "out": tmp_path / name / "events.jsonl",
+    }  # fmt: skip
+    fields.update(changes)
+    return ReceiverConfig.model_validate(fields)
+
+
+@asynccontextmanager
+async def running(cfg: ReceiverConfig, **kwargs: Any) -> AsyncIterator[Receiver]:
+    receiver = Receiver(cfg, **kwargs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(receiver.run(stop))
+    try:
+        async with asyncio.timeout(WAIT):
+            ready = asyncio.create_task(receiver.ready.wait())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                ready.cancel()
+                task.result()  # raise the startup error
+        yield receiver
+    finally:
+        stop.set()
+        async with asyncio.timeout(WAIT):
+            await task
+
+
+def stored(cfg: ReceiverConfig) -> list[dict[str, Any]]:
+    if not cfg.out.exists():
+        return []
+    return [json.loads(line) for line in cfg.out.read_text().splitlines()]
+
+
+def stored_seqs(cfg: ReceiverConfig) -> list[int]:
+    return sorted({r["seq"] for r in stored(cfg)})
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+async def test_accepted_batch_is_stored_as_json_lines_then_acked_ok(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Each event becomes one JSON object with tenant/store/device/seq added; the ack binds hh."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    seen: list[dict[str, Any]] = []
+    async with running(cfg, on_event=lambda rec: seen.append(dict(rec))) as r, publisher(mosquitto) as pub:
+        seq, hh, payload = dev.seal(3)
+        ack = await pub.roundtrip(dev, seq, payload)
+        assert (ack.seq, ack.hh, ack.ok, ack.err, ack.s) == (1, hh, True, None, None)
+        records = stored(cfg)
+        assert [rec["id"] for rec in records] == [1, 2, 3]
+        assert records[0]["tenant"] == "acme"
+        assert records[0]["store"] == "s001"
+        assert records[0]["device"] == "edge-01"
+        assert records[0]["seq"] == 1
+        assert records[0]["src"] == "edge"
+        assert records[0]["data"] == {"tag": "x", "i": 0}
+        assert isinstance(records[0]["received_ms"], int)
+        assert seen == records
+        assert (r.stats.accepted, r.stats.events, r.stats.rejected) == (1, 3, {})
+    with sqlite3.connect(cfg.db) as db:
+        rows = db.execute("SELECT tenant, store, device, seq, hh, n, first, last FROM batches").fetchall()
+    assert rows == [("acme", "s001", "edge-01", 1, hh, 3, 1, 3)]
+
+
+async def test_unknown_event_keys_are_kept_but_cannot_override_the_added_fields(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg), publisher(mosquitto) as pub:
+        s1, _, p1 = dev.seal(1, extra={"zone": "entrance"})
+        s2, _, p2 = dev.seal(1, extra={"tenant": "evil", "seq": 99})
+        assert (await pub.roundtrip(dev, s1, p1)).ok
+        assert (await pub.roundtrip(dev, s2, p2)).ok
+    first, second = stored(cfg)
+    assert (first["zone"], first["tenant"], first["seq"]) == ("entrance", "acme", 1)
+    assert (second["tenant"], second["seq"]) == ("acme", 2)
+
+
+def test_receiver_config_resolves_paths_against_its_folder_and_lists_problems(tmp_path: Path) -> None:
+    conf = tmp_path / "conf" / "receiver.yaml"
+    conf.parent.mkdir()
+    conf.write_text("broker: mqtts://broker.example:8884\nkeys_dir: keys\ndb: /abs/r.db\nshared_group: null\n"
+                    "tls:\n  ca_file: ca.pem\n")  # fmt: skip
+    cfg = load_receiver_config(conf)
+    assert (cfg.host, cfg.port, cfg.use_tls, cfg.shared_group) == ("broker.example", 8884, True, None)
+    assert cfg.keys_dir == conf.parent.resolve() / "keys"
+    assert cfg.db == Path("/abs/r.db")
+    assert cfg.tls.ca_file == conf.parent.resolve() / "ca.pem"
+    conf.write_text("broker: tcp://x\nprefix: edge/#\nmax_group: 0\ntypo: 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_receiver_config(conf)
+    problems = "\n".join(exc.value.problems)
+    for field in ("broker", "prefix", "max_group", "typo"):
+        assert field in problems
+    assert len(exc.value.problems) == 4
+
+
+async def test_duplicate_is_acked_ok_and_written_once(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        seq, hh, payload = dev.seal(2)
+        first = await pub.roundtrip(dev, seq, payload)
+        again = await pub.roundtrip(dev, seq, payload)
+        assert first.ok
+        assert again.ok
+        assert again.hh == hh
+        assert len(stored(cfg)) == 2
+        assert (r.stats.accepted, r.stats.duplicates) == (1, 1)
+
+
+async def test_batch_not_continuing_the_chain_is_chain_broken_and_not_stored(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """Wrong prev for a held seq-1, or a different batch for a held seq: rejected, not stored."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        s1, _, p1 = dev.seal()
+        assert (await pub.roundtrip(dev, s1, p1)).ok
+        s2, _, bad = dev.seal(seq=2, prev=b"\x42" * 32, tag="bad")
+        ack = await pub.roundtrip(dev, s2, bad)
+        assert (ack.ok, ack.err) == (False, "chain-broken")
+        s2, _, p2 = dev.seal()
+        assert (await pub.roundtrip(dev, s2, p2)).ok
+        _, fork_hh, fork = dev.seal(seq=2, prev=_hh_of(p1), tag="fork")  # links fine, but 2 is taken
+        ack = await pub.roundtrip(dev, 2, fork)
+        assert (ack.ok, ack.err, ack.hh) == (False, "chain-broken", fork_hh)
+        assert stored_seqs(cfg) == [1, 2]
+        assert {rec["data"]["tag"] for rec in stored(cfg)} == {"x"}
+        assert r.stats.rejected == {"chain-broken": 2}
+
+
+def _hh_of(payload: bytes) -> bytes:
+    h: bytes = msgpack.unpackb(payload, raw=False)["h"]
+    return hashlib.sha256(h).digest()
+
+
+async def test_gap_and_reset_are_reported_not_rejected(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """seq 1, 2, 5 -> a gap (3..4); then seq 1 of a new chain -> a reset opening a new epoch in
+    which the new chain is checked, while resends of the old chain stay duplicates."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        with capture_logs() as logs:
+            old = [dev.seal() for _ in range(5)]
+            for seq, _, payload in (old[0], old[1], old[4]):
+                assert (await pub.roundtrip(dev, seq, payload)).ok
+            dev.restart_from_scratch()
+            n1 = dev.seal(tag="new")
+            n2 = dev.seal(tag="new")
+            for seq, _, payload in (n1, n2):
+                assert (await pub.roundtrip(dev, seq, payload)).ok
+            assert (await pub.roundtrip(dev, 2, old[1][2])).ok  # old-chain resend: duplicate
+            wrong = dev.seal(seq=3, prev=old[1][1], tag="old-link")  # links to the old chain
+            ack = await pub.roundtrip(dev, 3, wrong[2])
+        assert (ack.ok, ack.err) == (False, "chain-broken")
+        assert (r.stats.gaps, r.stats.resets, r.stats.accepted, r.stats.duplicates) == (1, 1, 5, 1)
+    gaps = [e for e in logs if e["event"] == "uplink_gap"]
+    resets = [e for e in logs if e["event"] == "uplink_reset"]
+    assert [(g["missing_from"], g["missing_to"], g["log_level"]) for g in gaps] == [(3, 4, "warning")]
+    assert [(x["device"], x["epoch"]) for x in resets] == [("edge-01", 2)]
+    assert sorted({(rec["seq"], rec["data"]["tag"]) for rec in stored(cfg)}) == [
+        (1, "new"), (1, "x"), (2, "new"), (2, "x"), (5, "x")]  # fmt: skip
+
+
+async def test_tampered_and_foreign_batches_are_rejected_with_the_spec_reason(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev, other, stranger = Device("edge-01"), Device("edge-02"), Device("edge-03")
+    dev.register(cfg.keys_dir)
+    other.register(cfg.keys_dir)
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        seq, hh, payload = dev.seal()
+        top = msgpack.unpackb(payload, raw=False)
+        cases: list[tuple[str, bytes, str]] = []
+        body = bytearray(top["b"])
+        body[5] ^= 1
+        cases.append(("bad-body-hash", msgpack.packb({**top, "b": bytes(body)}), dev.topic))
+        sig = bytearray(top["s"])
+        sig[0] ^= 1
+        cases.append(("bad-signature", msgpack.packb({**top, "s": bytes(sig)}), dev.topic))
+        cases.append(("topic-mismatch", payload, other.topic))
+        cases.append(("malformed", msgpack.packb({**top, "v": 2}), dev.topic))
+        for reason, data, topic in cases:
+            device = topic.split("/")[-2]
+            count = len(pub.acks[(device, seq)]) + 1
+            await pub.send(topic, data)
+            ack = await pub.ack(device, seq, count=count)
+            assert (ack.ok, ack.err, ack.hh) == (False, reason, hh), reason
+        s_seq, s_hh, s_payload = stranger.seal()
+        ack = await pub.roundtrip(stranger, s_seq, s_payload)
+        assert (ack.ok, ack.err, ack.hh) == (False, "unknown-key", s_hh)
+        await pub.send(dev.topic, b"\xc1 not msgpack")  # nothing to ack it with
+        assert (await pub.roundtrip(dev, seq, payload)).ok  # processed after the garbage
+        assert r.stats.rejected == {"bad-body-hash": 1, "bad-signature": 1, "topic-mismatch": 1,
+                                    "malformed": 2, "unknown-key": 1}  # fmt: skip
+        assert r.stats.unacked == 1
+        assert r.stats.accepted == 1
+        assert stored_seqs(cfg) == [1]
+
+
+async def test_acks_are_signed_when_a_cloud_key_is_configured(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Acceptances and rejections alike verify with the cloud public key, for this device only."""
+    cloud = Ed25519PrivateKey.generate()
+    key_file = tmp_path / "cloud.key"
+    key_file.write_text(cloud.private_bytes_raw().hex() + "\n")
+    key_file.chmod(0o600)
+    cfg = make_cfg(tmp_path, mosquitto.url, cloud_key=key_file)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg), publisher(mosquitto) as pub:
+        seq, _, payload = dev.seal()
+        ok = await pub.roundtrip(dev, seq, payload)
+        _, _, bad = dev.seal(seq=2, prev=b"\1" * 32)
+        rejected = await pub.roundtrip(dev, 2, bad)
+    pk = cloud.public_key()
+    for ack in (ok, rejected):
+        assert verify_ack(ack, tenant="acme", store="s001", device="edge-01", cloud_key=pk)
+        assert not verify_ack(ack, tenant="acme", store="s001", device="edge-02", cloud_key=pk)
+    assert (ok.ok, rejected.ok, rejected.err) == (True, False, "chain-broken")
+
+
+async def test_newly_registered_key_is_picked_up_at_most_once_a_second(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    clock = FakeClock()
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    async with running(cfg, clock=clock) as r, publisher(mosquitto) as pub:
+        seq, _, payload = dev.seal()
+        assert (await pub.roundtrip(dev, seq, payload)).err == "unknown-key"
+        dev.register(cfg.keys_dir)
+        assert (await pub.roundtrip(dev, seq, payload)).err == "unknown-key"  # reloaded < 1 s ago
+        clock.advance(1.5)
+        assert (await pub.roundtrip(dev, seq, payload)).ok
+        assert r.stats.rejected == {"unknown-key": 2}
+
+
+async def test_two_receivers_in_a_shared_group_process_each_batch_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """200 batches through `$share/edge-receivers/...`: the union of what the two receivers stored
+    is every batch, the intersection is empty, and every batch got exactly one ok ack."""
+    cfg_a = make_cfg(tmp_path, mosquitto.url, name="a")
+    cfg_b = make_cfg(tmp_path, mosquitto.url, name="b")
+    dev = Device()
+    dev.register(cfg_a.keys_dir)
+    async with running(cfg_a) as ra, running(cfg_b) as rb, publisher(mosquitto) as pub:
+        batches = [dev.seal(2) for _ in range(200)]
+        for _, _, payload in batches:
+            await pub.send(dev.topic, payload)
+        acks = [await pub.ack("edge-01", seq) for seq, _, _ in batches]
+        assert all(a.ok and a.hh == hh for a, (_, hh, _) in zip(acks, batches, strict=True))
+        assert ra.stats.accepted + rb.stats.accepted == 200
+    a, b = set(stored_seqs(cfg_a)), set(stored_seqs(cfg_b))
+    assert a | b == set(range(1, 201))
+    assert not a & b
+    assert a
+    assert b
+    assert all(len(v) == 1 for v in pub.acks.values())
+
+
+async def test_restarted_receiver_keeps_dedupe(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Resends of batches stored before a restart are acked ok and not written again."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    batches = [dev.seal(2) for _ in range(15)]
+    async with publisher(mosquitto) as pub:
+        async with running(cfg):
+            for seq, _, payload in batches[:10]:
+                assert (await pub.roundtrip(dev, seq, payload)).ok
+        async with running(cfg) as r2:
+            for seq, _, payload in batches[4:]:
+                assert (await pub.roundtrip(dev, seq, payload)).ok
+            assert (r2.stats.accepted, r2.stats.duplicates, r2.stats.gaps) == (5, 6, 0)
+    assert [rec["seq"] for rec in stored(cfg)] == [s for s in range(1, 16) for _ in range(2)]
+
+
+async def test_large_batches_flow_through(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """20 batches of 1000 events (the device default size) are stored completely."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        batches = [dev.seal(1000) for _ in range(20)]
+        for _, _, payload in batches:
+            await pub.send(dev.topic, payload)
+        for seq, _, _ in batches:
+            assert (await pub.ack("edge-01", seq)).ok
+        assert r.stats.events == 20_000
+    assert len(stored(cfg)) == 20_000
+
+
+async def test_receiver_over_tls_with_a_client_certificate(
+    tmp_path: Path, mosquitto_tls: Mosquitto, tls_certs: CertPaths
+) -> None:
+    """mqtts:// with the CA and a client certificate (the broker requires one)."""
+    certs = tls_certs
+    tls = Tls(ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
+    cfg = make_cfg(tmp_path, mosquitto_tls.tls_url, tls=tls)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg), publisher(mosquitto_tls) as pub:  # the device side uses the plain listener
+        seq, _, payload = dev.seal()
+        assert (await pub.roundtrip(dev, seq, payload)).ok
+
+
+async def test_receiver_reconnects_after_a_broker_restart(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg) as r:
+        async with publisher(mosquitto) as pub:
+            seq, _, payload = dev.seal()
+            assert (await pub.roundtrip(dev, seq, payload)).ok
+        mosquitto.restart()  # sessions are gone: the receiver must reconnect and resubscribe
+        async with publisher(mosquitto) as pub:
+            seq, _, payload = dev.seal()
+            async with asyncio.timeout(WAIT):
+                while not pub.acks[("edge-01", seq)]:  # resend until acked, as a device does
+                    await pub.send(dev.topic, payload)
+                    with suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            await pub.ack("edge-01", seq)
+            assert pub.acks[("edge-01", seq)][0].ok
+        assert r.stats.accepted == 2
+
+
+def test_receive_main_stops_cleanly_on_sigterm(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The CLI entry runs until SIGTERM and exits 0; a bad config exits 2 with the problem named."""
+    (tmp_path / "keys").mkdir()
+    conf = tmp_path / "receiver.yaml"
+    conf.write_text(f"broker: {mosquitto.url}\nkeys_dir: keys\ndb: state/r.db\nout: state/e.jsonl\n")
+    code = "import asyncio, sys; from edge.uplink.receiver import receive_main; " \
+           "sys.exit(asyncio.run(receive_main(sys.argv[1])))"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with subprocess.Popen([sys.executable, "-u", "-c", code, str(conf)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=env, text=True) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + WAIT
+            for line in proc.stdout:
+                if "receiver_subscribed" in line or time.monotonic() > deadline:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert (tmp_path / "state" / "r.db").exists()  # relative to the config file's folder
+    conf.write_text("broker: http://nope\nunknown_setting: 1\n")
+    done = subprocess.run([sys.executable, "-c", code, str(conf)], capture_output=True, text=True, env=env,
+                          timeout=WAIT, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "broker" in done.stdout
+    assert "unknown_setting" in done.stdout
