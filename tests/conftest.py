@@ -1,0 +1,51 @@
+"""Shared pytest fixtures. Keep each fixture small and say what it provides; add new ones below.
+
+MQTT brokers (support.mosquitto; pytest puts tests/ on sys.path, so helpers import as `support.*`):
+  `mosquitto`      a real mosquitto on a free loopback port, plain listener only (`.url`).
+  `mosquitto_tls`  the same plus a TLS listener requiring a client certificate (`.tls_url`);
+                   `.certs` holds the PEM paths (CA, server, client, rogue CA + client).
+Both are function-scoped (a broker starts in ~30 ms) and stopped after the test. Without the
+mosquitto binary these fixtures skip, except under CI=true where they fail (CI installs it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.certs import CertPaths, make_certs
+from support.mosquitto import Mosquitto, find_mosquitto
+
+
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> Path:
+    """Path of the mosquitto binary; skip (or fail under CI=true) when it is not installed."""
+    found = find_mosquitto()
+    if found is None:
+        reason = "mosquitto is not installed (apt-get install mosquitto, or scripts/bootstrap.sh)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    return found
+
+
+@pytest.fixture
+def tls_certs(tmp_path: Path) -> CertPaths:
+    """Throwaway CA, server (127.0.0.1/localhost), client (CN = device id) and rogue CA + client."""
+    return make_certs(tmp_path / "pki")
+
+
+@pytest.fixture
+def mosquitto(mosquitto_binary: Path, tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running mosquitto with a plain listener on 127.0.0.1 (see `Mosquitto.url`)."""
+    with Mosquitto(tmp_path / "mosquitto", binary=mosquitto_binary) as broker:
+        yield broker
+
+
+@pytest.fixture
+def mosquitto_tls(mosquitto_binary: Path, tmp_path: Path, tls_certs: CertPaths) -> Iterator[Mosquitto]:
+    """A running mosquitto with a plain and a TLS listener (`require_certificate true`)."""
+    with Mosquitto(tmp_path / "mosquitto-tls", tls=tls_certs, binary=mosquitto_binary) as broker:
+        yield broker

@@ -1,0 +1,1 @@
+"""Test support: real peers (Mosquitto) and throwaway TLS material."""
