@@ -1,0 +1,155 @@
+"""The `edge` command. Thin: parse arguments, call one function, turn errors into exit codes.
+
+Exit codes: 0 ok, 1 runtime failure (e.g. a component could not start, verification
+failed), 2 usage or configuration problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from edge import __version__
+from edge.errors import ConfigError, EdgeError
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, metavar="PATH", help="the device's YAML config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge", description="store-edge: edge runtime for in-store IoT")
+    ap.add_argument("--version", action="version", version=f"store-edge {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _add_config(p)
+
+    p = sub.add_parser("check-config", help="validate a config file and summarize it")
+    p.add_argument("path", metavar="PATH")
+
+    keys = sub.add_parser("keys", help="device keys: init, show, rotate")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    p = ksub.add_parser("init", help="create the signing key and pseudonymization keys")
+    _add_config(p)
+    p.add_argument("--force", action="store_true", help="overwrite existing keys (old pseudonyms unlinkable)")
+    p = ksub.add_parser("show", help="print the public key and its kid (never a secret)")
+    _add_config(p)
+    p.add_argument("--json", action="store_true")
+    p = ksub.add_parser("rotate", help="rotate the ephemeral pseudonymization key now")
+    _add_config(p)
+
+    p = sub.add_parser("status", help="backlog, drops, last ack, driver states (works while running)")
+    _add_config(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write buffered events as JSON lines (rescue by USB stick)")
+    _add_config(p)
+    p.add_argument("--out", required=True, metavar="FILE")
+
+    p = sub.add_parser("receive", help="run the reference receiver")
+    _add_config(p)
+
+    p = sub.add_parser("verify", help="verify captured batch payloads offline")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--keys", required=True, metavar="DIR", help="folder of registered *.pub device keys")
+
+    p = sub.add_parser("demo", help="a whole simulated store end to end, with an embedded broker")
+    p.add_argument("--duration", type=float, default=20.0, metavar="SECONDS")
+    p.add_argument("--broker", default=None, metavar="URL", help="use this broker instead of the embedded one")
+    p.add_argument("--summary", default=None, metavar="FILE", help="write the verified summary as JSON")
+    p.add_argument("--rate", type=float, default=None, metavar="N", help="readings per second per device kind")
+    p.add_argument("--state", default=None, metavar="DIR", help="state folder (default: a fresh temporary one)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) in {exc.path}", file=sys.stderr)
+        return 2
+    except EdgeError as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch per command
+    cmd = args.cmd
+    if cmd == "check-config":
+        from edge.configload import check_config_main
+
+        return check_config_main(args.path)
+    if cmd == "run":
+        from edge.daemon import run_main
+
+        return run_main(args.config)
+    if cmd == "keys":
+        return _keys(args)
+    if cmd == "status":
+        from edge.status import status_main
+
+        return status_main(args.config, as_json=args.json)
+    if cmd == "export":
+        from edge.status import export_main
+
+        return export_main(args.config, args.out)
+    if cmd == "receive":
+        from edge.uplink.receiver import receive_main
+
+        return asyncio.run(receive_main(args.config))
+    if cmd == "verify":
+        from pathlib import Path
+
+        from edge.uplink.verify import verify_files
+
+        return verify_files(args.files, Path(args.keys))
+    if cmd == "demo":
+        from edge.demo import demo_main
+
+        return demo_main(
+            duration=args.duration, broker=args.broker, summary=args.summary, rate=args.rate, state=args.state
+        )
+    raise AssertionError(cmd)  # argparse rejects unknown commands
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from edge.clock import SystemClock
+    from edge.configload import load_config
+    from edge.privacy.keys import KeyStore
+
+    cfg = load_config(args.config)
+    keys = KeyStore(cfg.paths.keys_dir, SystemClock())
+    if args.keys_cmd == "init":
+        keys.init(force=args.force)
+        print(f"created keys in {cfg.paths.keys_dir}; kid {keys.kid()}")
+        print(f"public key {keys.public_key().hex()}")
+        return 0
+    if args.keys_cmd == "show":
+        if not keys.exists():
+            print(f"edge: no keys in {cfg.paths.keys_dir} (hint: edge keys init --config {args.config})",
+                  file=sys.stderr)
+            return 1
+        doc = {"kid": keys.kid(), "public_key": keys.public_key().hex()}
+        if args.json:
+            print(json.dumps(doc))
+        else:
+            print(f"kid         {doc['kid']}\npublic_key  {doc['public_key']}")
+        return 0
+    if args.keys_cmd == "rotate":
+        epoch = keys.rotate()
+        print(f"ephemeral pseudonymization key rotated; epoch {epoch}; the previous key is deleted")
+        return 0
+    raise AssertionError(args.keys_cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

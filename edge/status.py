@@ -1,0 +1,103 @@
+"""`edge status` and `edge export`: read the buffer from another process, even while the daemon runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edge.buffer.stats import iter_events, read_stats
+from edge.configload import load_config
+from edge.supervisor import RUNTIME_FILE
+from edge.units import format_duration, format_size
+
+
+def collect_status(config_path: str) -> dict[str, Any]:
+    cfg = load_config(config_path)
+    doc: dict[str, Any] = {"device": cfg.identity.device, "buffer": None, "runtime": None}
+    if cfg.buffer_path.exists():
+        doc["buffer"] = read_stats(cfg.buffer_path).to_json()
+    runtime = cfg.paths.state_dir / RUNTIME_FILE
+    if runtime.exists():
+        try:
+            rt = json.loads(runtime.read_text())
+            age_s = (time.time() * 1000 - rt.get("updated_ms", 0)) / 1000
+            rt["stale"] = rt.get("state") == "running" and age_s > 10
+            doc["runtime"] = rt
+        except (OSError, ValueError):
+            doc["runtime"] = {"state": "unknown"}
+    return doc
+
+
+def status_main(config_path: str, *, as_json: bool) -> int:
+    doc = collect_status(config_path)
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    print(_render(doc))
+    return 0
+
+
+def _render(doc: dict[str, Any]) -> str:
+    lines = [f"device {doc['device']}"]
+    rt = doc.get("runtime")
+    if rt:
+        state = rt.get("state", "unknown") + (" (stale: daemon not updating)" if rt.get("stale") else "")
+        clock = "synchronized" if rt.get("clock_synchronized") else "NOT synchronized"
+        lines.append(f"daemon      {state}, clock {clock}")
+        for d in rt.get("drivers", []):
+            reason = f" ({d.get('degraded_reason')})" if d.get("degraded_reason") else ""
+            lines.append(f"driver      {d.get('name')}: {d.get('state')}{reason}")
+        for name, c in (rt.get("components") or {}).items():
+            lines.append(f"{name:<11} {c.get('state', '?')}")
+    else:
+        lines.append("daemon      not running (no runtime status)")
+    b = doc.get("buffer")
+    if not b:
+        lines.append("buffer      empty (no database yet)")
+        return "\n".join(lines)
+    now = time.time() * 1000
+    for src, s in sorted(b.get("backlog", {}).items()):
+        lines.append(f"backlog     {src:<5} {s['events']:>9} events  {format_size(s['bytes']):>10}")
+    oldest = b.get("oldest_unsent_ts")
+    if oldest:
+        lines.append(f"oldest      {format_duration(max(0.0, (now - oldest) / 1000))} unsent")
+    pend, quar = b.get("batches_pending", 0), b.get("batches_quarantined", 0)
+    lines.append(f"batches     {pend} sealed pending, {quar} quarantined")
+    for key, n in sorted((b.get("drops") or {}).items()):
+        lines.append(f"dropped     {key}: {n}")
+    last_ack = b.get("last_ack_ms")
+    ago = f"{format_duration(max(0.0, (now - last_ack) / 1000))} ago" if last_ack else "never"
+    lines.append(f"last ack    {ago}")
+    return "\n".join(lines)
+
+
+def export_main(config_path: str, out: str) -> int:
+    cfg = load_config(config_path)
+    if not cfg.buffer_path.exists():
+        print(f"edge: no buffer at {cfg.buffer_path}", file=sys.stderr)
+        return 1
+    tty = sys.stderr.isatty()
+    n = 0
+    out_path = Path(out)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for ev in iter_events(cfg.buffer_path):
+            fh.write(json.dumps(ev, default=_bytes_hex, separators=(",", ":")) + "\n")
+            n += 1
+            if tty and n % 10_000 == 0:
+                print(f"\rexported {n} events", end="", file=sys.stderr)
+        fh.flush()
+    tmp.replace(out_path)
+    if tty:
+        print(f"\rexported {n} events", file=sys.stderr)
+    print(f"{n} events written to {out_path}")
+    return 0
+
+
+def _bytes_hex(o: object) -> str:
+    if isinstance(o, bytes):
+        return o.hex()
+    raise TypeError(type(o).__name__)

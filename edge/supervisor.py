@@ -1,0 +1,227 @@
+"""One supervisor owns every task of the daemon.
+
+Start order: keys -> buffer -> pipeline -> drivers (-> uplink, health when configured).
+Stop order is the reverse. On SIGTERM/SIGINT the drivers stop first, then every reading
+already in the pipeline is drained into the buffer and committed, bounded by
+`health.drain_timeout` (systemd's TimeoutStopSec is longer). A required component that
+cannot start makes `run()` raise `StartupError`, which the CLI turns into a clear message
+and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from drivers.base import Driver
+from edge.buffer import Buffer
+from edge.clock import Clock
+from edge.config import Config
+from edge.errors import EdgeError, StartupError
+from edge.pipeline import Pipeline, build_pipeline
+from edge.privacy.consent import ConsentList
+from edge.privacy.keys import KeyStore
+from edge.privacy.pseudonym import Pseudonymizer
+from edge.privacy.stage import PrivacyStage
+
+log = structlog.get_logger("edge.supervisor")
+
+RUNTIME_FILE = "runtime.json"
+
+
+class Component(Protocol):
+    """Something the supervisor starts after the pipeline and stops before it (uplink, health)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+ComponentFactory = Callable[["Runtime"], Component]
+
+
+class Runtime:
+    """What a running daemon is made of; handed to components that need the core."""
+
+    def __init__(self, cfg: Config, clock: Clock, keys: KeyStore, buffer: Buffer, pipeline: Pipeline) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.keys = keys
+        self.buffer = buffer
+        self.pipeline = pipeline
+        self.drivers: list[Driver] = []
+        self.components: list[Component] = []
+
+
+def open_keys(cfg: Config, clock: Clock, config_path: str | None = None) -> KeyStore:
+    keys = KeyStore(cfg.paths.keys_dir, clock)
+    if not keys.exists():
+        where = f" --config {config_path}" if config_path else ""
+        raise StartupError(
+            "keys",
+            f"no device keys in {cfg.paths.keys_dir}",
+            hint=f"create them once with: edge keys init{where}",
+        )
+    return keys
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: Config,
+        clock: Clock,
+        *,
+        drivers: Callable[[Config, Clock], Sequence[Driver]] | None = None,
+        components: Sequence[ComponentFactory] = (),
+        config_path: str | None = None,
+        on_ready: Callable[[Runtime], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self._driver_factory = drivers
+        self._component_factories = tuple(components)
+        self._config_path = config_path
+        self._on_ready = on_ready
+        self.runtime: Runtime | None = None
+        self._driver_tasks: list[asyncio.Task[None]] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; then drain and stop everything in reverse order."""
+        cfg, clock = self.cfg, self.clock
+        keys = open_keys(cfg, clock, self._config_path)
+        consent = ConsentList(cfg.privacy.consent_file, clock) if cfg.privacy.consent_file else None
+        try:
+            pz = Pseudonymizer(cfg.privacy, keys, consent)
+        except EdgeError as exc:
+            raise StartupError("privacy", str(exc)) from exc
+        try:
+            buffer = await Buffer.open(cfg, clock)
+        except (EdgeError, OSError) as exc:
+            raise StartupError(
+                "buffer", f"{cfg.buffer_path}: {exc}", hint="check that the state dir exists and is writable"
+            ) from exc
+        privacy = PrivacyStage(pz)
+        pipeline, _cards = build_pipeline(clock, privacy, buffer)
+        rt = Runtime(cfg, clock, keys, buffer, pipeline)
+        self.runtime = rt
+        driver_tasks = self._driver_tasks
+        started: list[Component] = []
+        try:
+            if self._driver_factory is not None:
+                rt.drivers = list(self._driver_factory(cfg, clock))
+            else:
+                from drivers.registry import build_drivers
+
+                rt.drivers = list(build_drivers(cfg, clock))
+            for d in rt.drivers:
+                driver_tasks.append(asyncio.create_task(_pump(d, pipeline), name=f"driver:{d.name}"))
+            for factory in self._component_factories:
+                comp = factory(rt)
+                try:
+                    await comp.start()
+                except (EdgeError, OSError) as exc:
+                    raise StartupError(comp.name, str(exc)) from exc
+                started.append(comp)
+                rt.components.append(comp)
+            log.info(
+                "started",
+                device=cfg.identity.device,
+                drivers=[d.name for d in rt.drivers],
+                components=[c.name for c in started],
+                next_event_id=buffer.last_committed_id + 1,
+            )
+            if self._on_ready is not None:
+                res = self._on_ready(rt)
+                if asyncio.iscoroutine(res):
+                    await res
+            await self._wait(stop, rt)
+        finally:
+            await self._shutdown(rt, driver_tasks, started)
+
+    async def stop_drivers(self) -> int:
+        """Stop reading from devices and commit what is in flight; the rest keeps running.
+
+        Returns the last committed event id. Used by the demo to let the uplink drain.
+        """
+        for t in self._driver_tasks:
+            t.cancel()
+        await asyncio.gather(*self._driver_tasks, return_exceptions=True)
+        if self.runtime is None:
+            raise RuntimeError("stop_drivers() before run() started")
+        return await self.runtime.buffer.flush()
+
+    async def _wait(self, stop: asyncio.Event, rt: Runtime) -> None:
+        """Wait for stop, writing the runtime status file for `edge status` every 2 s."""
+        while not stop.is_set():
+            write_runtime_status(rt)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+
+    async def _shutdown(
+        self, rt: Runtime, driver_tasks: list[asyncio.Task[None]], started: list[Component]
+    ) -> None:
+        timeout = self.cfg.health.drain_timeout
+        log.info("stopping", drain_timeout_s=timeout)
+        for comp in reversed(started):
+            try:
+                await asyncio.wait_for(comp.stop(), timeout)
+            except Exception as exc:
+                log.error("component_stop_failed", component=comp.name, error=str(exc))
+        for t in driver_tasks:
+            t.cancel()
+        await asyncio.gather(*driver_tasks, return_exceptions=True)
+        for d in rt.drivers:
+            with contextlib.suppress(Exception):
+                await d.aclose()
+        try:
+            last = await asyncio.wait_for(rt.buffer.flush(), timeout)
+            log.info("drained", last_committed_id=last)
+        except TimeoutError:
+            log.error("drain_timeout", timeout_s=timeout)
+        finally:
+            await rt.buffer.close()
+            write_runtime_status(rt, state="stopped")
+
+
+async def _pump(driver: Driver, pipeline: Pipeline) -> None:
+    async for reading in driver.readings():
+        await pipeline.submit(reading)
+
+
+def write_runtime_status(rt: Runtime, state: str = "running") -> None:
+    """Atomically write what only the running daemon knows (driver and uplink state)."""
+    doc = {
+        "state": state,
+        "pid": os.getpid(),
+        "updated_ms": rt.clock.wall_ms(),
+        "clock_synchronized": rt.clock.synchronized(),
+        "pipeline": rt.pipeline.status(),
+        "drivers": [d.status() for d in rt.drivers],
+        "components": {c.name: c.status() for c in rt.components},
+        "buffer_degraded": rt.buffer.degraded,
+    }
+    path = Path(rt.cfg.paths.state_dir) / RUNTIME_FILE
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(doc, default=str))
+        tmp.replace(path)
+    except OSError as exc:  # a full disk must not stop the daemon over a status file
+        log.warning("runtime_status_write_failed", error=str(exc))
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,292 @@
+"""The uplink: sealed batches out over MQTT (QoS 1), acks in, nothing deleted without an ack.
+
+- Connects with client id = device id, a retained `online` status, `offline` as last will
+  and again on a clean stop (uplink-v1 status topic).
+- Keeps up to `uplink.window` batches in flight; a batch not acked within `ack_timeout`
+  is published again (the stored bytes: byte-identical).
+- A batch is deleted only on an ack with ok=true whose seq AND hh match a batch it holds;
+  with `cloud_public_key` set, only when the ack's signature verifies. A forged, unsigned
+  or mismatching ack is rejected and counted. ok=false quarantines the batch (reported,
+  not resent). A broker's PUBACK never deletes anything.
+- Reconnects with capped, jittered exponential backoff; the cause of a failure is named
+  (refused, untrusted CA, client certificate rejected, ...), not a bare timeout.
+- Optional bandwidth cap (bytes/s) for metered links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from typing import Any, Literal
+
+import aiomqtt
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.buffer import SealedBatch
+from edge.errors import EdgeError, WireError
+from edge.supervisor import Runtime
+from edge.uplink.batcher import Batcher
+from edge.uplink.connect import ConnectParams, connect_params, diagnose_connect_error, explain_connect_error
+from edge.uplink.wire import ack_topic, batch_topic, parse_ack, status_topic, verify_ack
+
+log = structlog.get_logger("edge.uplink")
+
+UplinkState = Literal["starting", "connecting", "online", "backoff", "stopped"]
+
+
+class TokenBucket:
+    """Bandwidth cap: `rate` bytes/s with one second of burst."""
+
+    def __init__(self, rate: int, monotonic: Any) -> None:
+        self._rate = float(rate)
+        self._tokens = float(rate)
+        self._mono = monotonic
+        self._at = monotonic()
+
+    async def take(self, n: int) -> None:
+        while True:
+            now = self._mono()
+            self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens >= min(n, self._rate):
+                self._tokens -= n
+                return
+            await asyncio.sleep((min(n, self._rate) - self._tokens) / self._rate)
+
+
+class Uplink:
+    name = "uplink"
+
+    def __init__(self, rt: Runtime, *, rng: random.Random | None = None) -> None:
+        self._rt = rt
+        self._cfg = rt.cfg
+        self._ucfg = rt.cfg.uplink
+        ident = rt.cfg.identity
+        self._ids = (ident.tenant, ident.store, ident.device)
+        p = self._ucfg.prefix
+        self._batch_topic = batch_topic(p, *self._ids)
+        self._ack_topic = ack_topic(p, *self._ids)
+        self._status_topic = status_topic(p, *self._ids)
+        self._cloud_key = (
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(self._ucfg.cloud_public_key))
+            if self._ucfg.cloud_public_key
+            else None
+        )
+        self._batcher = Batcher(rt.cfg, rt.buffer, rt.keys, rt.clock)
+        self._rng = rng or random.Random()
+        self._bucket = TokenBucket(self._ucfg.bandwidth, rt.clock.monotonic) if self._ucfg.bandwidth else None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._inflight: dict[int, SealedBatch] = {}
+        self._sent_at: dict[int, float] = {}
+        self._wake = asyncio.Event()
+        self._publishing: set[asyncio.Task[None]] = set()
+        self.state: UplinkState = "starting"
+        self.broker: str | None = None
+        self.last_error: str | None = None
+        self.counters: dict[str, int] = {
+            "published": 0, "resent": 0, "acked": 0, "events_acked": 0, "rejected": 0,
+            "acks_forged": 0, "acks_unknown": 0, "acks_malformed": 0, "connects": 0,
+        }
+        self.last_ack_ms: int | None = None
+        self._params: ConnectParams | None = None
+
+    # -- component protocol ---------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="uplink")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            done, _ = await asyncio.wait({self._task}, timeout=5.0)
+            if not done:
+                log.warning("uplink_stop_forced")
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=5.0)
+        self.state = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "broker": self.broker,
+            "inflight": len(self._inflight),
+            "last_error": self.last_error,
+            "last_ack_ms": self.last_ack_ms,
+            **self.counters,
+        }
+
+    def notify(self) -> None:
+        """New events were committed: wake the sender (cheap, callable per commit)."""
+        self._wake.set()
+
+    # -- connection loop --------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = self._ucfg.reconnect.initial
+        while not self._stopping.is_set():
+            self.state = "connecting"
+            try:
+                url = await self._broker_url()
+                self.broker = url
+                await self._session(url)
+                delay = self._ucfg.reconnect.initial
+            except (aiomqtt.MqttError, OSError, EdgeError) as exc:
+                msg = await self._explain(exc)
+                if msg != self.last_error:
+                    log.warning("uplink_down", cause=msg, retry_in_s=round(delay, 2))
+                self.last_error = msg
+            if self._stopping.is_set():
+                break
+            self.state = "backoff"
+            sleep = self._rng.uniform(delay / 2, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), sleep)
+            delay = min(self._ucfg.reconnect.max, delay * 2)
+
+    async def _explain(self, exc: BaseException) -> str:
+        """Name the cause (TLS 1.3 client-cert rejections surface as bare timeouts otherwise)."""
+        if self._params is not None and self.state != "online":
+            with contextlib.suppress(Exception):
+                return str(await diagnose_connect_error(exc, self._params))
+        return explain_connect_error(exc, url=self.broker or self._ucfg.broker)
+
+    async def _broker_url(self) -> str:
+        if self._ucfg.broker != "auto":
+            return self._ucfg.broker
+        from edge.uplink.discovery import discover_broker
+
+        return await discover_broker(self._ucfg.discovery.interfaces, self._ucfg.discovery.timeout)
+
+    async def _session(self, url: str) -> None:
+        params = connect_params(self._ucfg, url=url)
+        self._params = params
+        offline = json.dumps({"state": "offline", "device": self._ids[2]}).encode()
+        client = params.client(
+            identifier=self._ids[2],
+            will=aiomqtt.Will(self._status_topic, offline, qos=1, retain=True),
+            clean_session=True,
+            max_inflight_messages=max(20, self._ucfg.window * 2),
+            protocol=aiomqtt.ProtocolVersion.V311,
+        )
+        async with client:
+            self.counters["connects"] += 1
+            online = {"state": "online", "device": self._ids[2], "kid": self._rt.keys.kid()}
+            await client.publish(self._status_topic, json.dumps(online).encode(), qos=1, retain=True)
+            await client.subscribe(self._ack_topic, qos=1)
+            self.state = "online"
+            if self.last_error is not None:
+                log.info("uplink_up", broker=url)
+            self.last_error = None
+            # everything sealed but unacked (from before a restart or a disconnect) goes again
+            self._inflight = {b.seq: b for b in await self._rt.buffer.pending_batches()}
+            self._sent_at = {}
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._acks(client), name="uplink:acks")
+                    tg.create_task(self._send(client), name="uplink:send")
+                    tg.create_task(self._until_stop(), name="uplink:stop")
+            except* _Stop:
+                pass
+            finally:
+                for t in list(self._publishing):
+                    t.cancel()
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self._status_topic, offline, qos=1, retain=True, timeout=2.0)
+
+    async def _until_stop(self) -> None:
+        await self._stopping.wait()
+        raise _Stop
+
+    # -- sending ------------------------------------------------------------------------
+    async def _send(self, client: aiomqtt.Client) -> None:
+        clock = self._rt.clock
+        timeout = self._ucfg.ack_timeout
+        while True:
+            now = clock.monotonic()
+            due = [b for s, b in sorted(self._inflight.items()) if now - self._sent_at.get(s, -1e18) >= timeout]
+            for b in due:
+                resend = b.seq in self._sent_at
+                await self._publish(client, b)
+                self.counters["resent" if resend else "published"] += 1
+            while len(self._inflight) < self._ucfg.window:
+                batch = await self._batcher.seal_next()
+                if batch is None:
+                    break
+                self._inflight[batch.seq] = batch
+                await self._publish(client, batch)
+                self.counters["published"] += 1
+            self._wake.clear()
+            wait = min(timeout, self._batcher.linger_left() or timeout) if self._inflight else \
+                self._batcher.linger_left()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.005, wait))
+
+    async def _publish(self, client: aiomqtt.Client, b: SealedBatch) -> None:
+        if self._bucket is not None:
+            await self._bucket.take(len(b.payload))
+        self._sent_at[b.seq] = self._rt.clock.monotonic()
+        # QoS 1, but not awaited for its PUBACK here: a PUBACK deletes nothing (only the ack
+        # does), and awaiting each one would serialize the window on round trips
+        task = asyncio.create_task(self._publish_one(client, b))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish_one(self, client: aiomqtt.Client, b: SealedBatch) -> None:
+        try:
+            await client.publish(self._batch_topic, b.payload, qos=1, timeout=self._ucfg.ack_timeout)
+        except aiomqtt.MqttError as exc:
+            # the batch stays in flight and is resent after ack_timeout (or on reconnect)
+            log.debug("publish_failed", seq=b.seq, error=str(exc))
+
+    # -- acks -----------------------------------------------------------------------------
+    async def _acks(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            payload = msg.payload
+            await self._handle_ack(payload if isinstance(payload, bytes) else b"")
+
+    async def _handle_ack(self, payload: bytes) -> None:
+        try:
+            ack = parse_ack(payload)
+        except WireError:
+            self.counters["acks_malformed"] += 1
+            log.warning("ack_rejected", reason="malformed")
+            return
+        batch = self._inflight.get(ack.seq)
+        if batch is None or batch.hh != ack.hh:
+            # not a batch we hold in flight (late duplicate ack, or forged): check the store
+            held = {b.seq: b for b in await self._rt.buffer.pending_batches()}
+            batch = held.get(ack.seq)
+            if batch is None or batch.hh != ack.hh:
+                self.counters["acks_unknown"] += 1
+                return
+        if self._cloud_key is not None and not verify_ack(
+            ack, tenant=self._ids[0], store=self._ids[1], device=self._ids[2], cloud_key=self._cloud_key
+        ):
+            self.counters["acks_forged"] += 1
+            log.warning("ack_rejected", reason="bad-signature", seq=ack.seq)
+            return
+        if ack.ok:
+            if await self._rt.buffer.ack(ack.seq, ack.hh):
+                self.counters["acked"] += 1
+                self.counters["events_acked"] += batch.n
+                self.last_ack_ms = self._rt.clock.wall_ms()
+        else:
+            await self._rt.buffer.quarantine(ack.seq, ack.hh, ack.err or "rejected")
+            self.counters["rejected"] += 1
+            log.error("batch_rejected", seq=ack.seq, err=ack.err, hint="kept aside in the buffer; see edge status")
+        self._inflight.pop(ack.seq, None)
+        self._sent_at.pop(ack.seq, None)
+        self._wake.set()
+
+
+class _Stop(Exception):
+    """Raised inside the session's task group to leave it on a clean stop."""
+
+
+def uplink_component(rt: Runtime) -> Uplink:
+    up = Uplink(rt)
+    rt.buffer.add_commit_listener(lambda _last: up.notify())
+    return up
