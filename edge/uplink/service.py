@@ -133,8 +133,9 @@ class Uplink:
                 self.broker = url
                 await self._session(url)
                 delay = self._ucfg.reconnect.initial
-            except (aiomqtt.MqttError, OSError, EdgeError) as exc:
-                msg = await self._explain(exc)
+            except (aiomqtt.MqttError, OSError, EdgeError, ExceptionGroup) as exc:
+                # a drop mid-session surfaces as an ExceptionGroup from the session's TaskGroup
+                msg = await self._explain(_first_leaf(exc))
                 if msg != self.last_error:
                     log.warning("uplink_down", cause=msg, retry_in_s=round(delay, 2))
                 self.last_error = msg
@@ -280,6 +281,12 @@ class Uplink:
         self._inflight.pop(ack.seq, None)
         self._sent_at.pop(ack.seq, None)
         self._wake.set()
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class _Stop(Exception):
