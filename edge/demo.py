@@ -40,7 +40,7 @@ TENANT, STORE, DEVICE = "demo", "store-001", "edge-demo"
 
 # raw identifiers injected through the simulated devices; none may survive anywhere
 INJECTED: tuple[tuple[IdentClass, str], ...] = (
-    ("ble_address", "5C:F3:70:8B:21:D4"),
+    ("ble_address", "5C:F3:70:8B:21:D4"),  # fictional: a probe for the leak scan, not a real device
     ("nfc_uid", "04A1B2C3D4E5F6"),
     ("loyalty_id", "927364518203"),
     ("card_number", "4539 1488 0343 6467"),
