@@ -7,19 +7,16 @@ is frozen. Loading with file/line error messages lives in `edge.configload`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from drivers.ble.config import Ble
+from drivers.nfc.config import Nfc
+from drivers.pos.config import PosLink
+from edge.configbase import ID_PATTERN, Model, SimRate, SpecId
 from edge.events import IDENT_CLASSES, SOURCES, IdentClass, Source
 from edge.units import Duration, Size
-
-ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-SpecId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class Identity(Model):
@@ -169,42 +166,6 @@ class Uplink(Model):
         return v
 
 
-class SimRate(Model):
-    """Simulated backend: how busy the simulated store is."""
-
-    rate: float = Field(default=5.0, gt=0, le=1_000_000)  # readings per second
-    seed: int | None = None
-
-
-class Ble(Model):
-    enabled: bool = True
-    backend: Literal["sim", "bleak"] = "sim"
-    adapter: str = "hci0"
-    sim: SimRate = Field(default_factory=SimRate)
-
-
-class Nfc(Model):
-    enabled: bool = True
-    backend: Literal["sim", "nfcpy"] = "sim"
-    device: str = "usb"  # nfcpy path: usb, usb:072f:2200, tty:AMA0:pn532, udp:127.0.0.1:54321
-    sim: SimRate = Field(default_factory=lambda: SimRate(rate=0.5))
-
-
-class PosLink(Model):
-    name: SpecId
-    backend: Literal["sim", "serial"] = "sim"
-    port: str | None = None
-    baudrate: int = Field(default=9600, gt=0)
-    framing: Literal["lines", "stx_etx", "escpos", "jsonl"] = "lines"
-    sim: SimRate = Field(default_factory=lambda: SimRate(rate=0.2))
-
-    @model_validator(mode="after")
-    def _serial_needs_port(self) -> PosLink:
-        if self.backend == "serial" and not self.port:
-            raise ValueError("backend serial needs port (e.g. /dev/serial/by-id/usb-FTDI_...)")
-        return self
-
-
 class Drivers(Model):
     ble: Ble = Field(default_factory=Ble)
     nfc: Nfc = Field(default_factory=Nfc)
@@ -246,4 +207,4 @@ class Config(Model):
         return self.paths.state_dir / self.buffer.file
 
 
-__all__ = ["IDENT_CLASSES", "ID_PATTERN", "Config"]
+__all__ = ["IDENT_CLASSES", "ID_PATTERN", "Ble", "Config", "Model", "Nfc", "PosLink", "SimRate", "SpecId"]

@@ -15,8 +15,8 @@ from drivers.base import (
     not_implemented,
     resolve_backend,
 )
+from drivers.ble.config import Ble
 from edge.clock import Clock
-from edge.config import Ble
 
 
 def default_backend(cfg: Ble, clock: Clock, sim: SimOptions | None = None) -> Backend:

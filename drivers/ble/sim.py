@@ -36,8 +36,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from drivers.base import SimPacer, Sleep, classify_injected
+from drivers.ble.config import Ble
 from edge.clock import Clock
-from edge.config import Ble
 from edge.events import Ident, Reading
 
 STORE_S_PER_READING = 0.2

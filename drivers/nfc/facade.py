@@ -15,8 +15,8 @@ from drivers.base import (
     not_implemented,
     resolve_backend,
 )
+from drivers.nfc.config import Nfc
 from edge.clock import Clock
-from edge.config import Nfc
 
 
 def default_backend(cfg: Nfc, clock: Clock, sim: SimOptions | None = None) -> Backend:

@@ -23,8 +23,8 @@ from types import MappingProxyType
 from typing import Any
 
 from drivers.base import SimPacer, Sleep, classify_injected, customer_pool, random_nfc_uid, store_catalogue
+from drivers.nfc.config import Nfc
 from edge.clock import Clock
-from edge.config import Nfc
 from edge.events import Ident, Reading
 
 _P_LOYALTY = 0.3

@@ -15,8 +15,8 @@ from drivers.base import (
     not_implemented,
     resolve_backend,
 )
+from drivers.pos.config import PosLink
 from edge.clock import Clock
-from edge.config import PosLink
 
 
 def default_backend(link: PosLink, clock: Clock, sim: SimOptions | None = None) -> Backend:

@@ -29,8 +29,8 @@ from drivers.base import (
     luhn_complete,
     store_catalogue,
 )
+from drivers.pos.config import PosLink
 from edge.clock import Clock
-from edge.config import PosLink
 from edge.events import Reading
 
 WIDTH = 42
