@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop rig: scenarios, runner, report, and the simulated peers shared with the tests."""
