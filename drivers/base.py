@@ -334,7 +334,7 @@ def classify_injected(inject: Sequence[str] | None) -> dict[IdentClass, deque[st
     Each entry is either `"<class>:<raw>"` with a class from `edge.events.IDENT_CLASSES`
     (e.g. `"nfc_uid:04A1B2C3D4E5F6"`), or a bare raw value classified by its shape:
 
-    - `AA:BB:CC:DD:EE:FF` (hex pairs and colons)       -> ble_address
+    - six hex pairs joined by colons (`AA:BB:...`)     -> ble_address
     - contains `@`                                      -> email
     - starts with `+` (digits, spaces, `()-` follow)    -> phone
     - 13-19 digits passing the Luhn check               -> card_number

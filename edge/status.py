@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from edge.buffer.stats import iter_events, read_stats
+from edge.buffer.stats import count_events, iter_events, read_stats
 from edge.configload import load_config
 from edge.supervisor import RUNTIME_FILE
 from edge.units import format_duration, format_size
@@ -75,11 +76,16 @@ def _render(doc: dict[str, Any]) -> str:
 
 
 def export_main(config_path: str, out: str) -> int:
+    """Write every buffered event as JSON lines to `out` (e.g. a USB stick), fsynced.
+
+    Written to `<out>.partial` first and renamed when complete, so a stick pulled early
+    never holds a file that looks whole. On a TTY, a progress bar against the total.
+    """
     cfg = load_config(config_path)
     if not cfg.buffer_path.exists():
         print(f"edge: no buffer at {cfg.buffer_path}", file=sys.stderr)
         return 1
-    tty = sys.stderr.isatty()
+    bar = _Progress(count_events(cfg.buffer_path)) if sys.stderr.isatty() else None
     n = 0
     out_path = Path(out)
     tmp = out_path.with_name(out_path.name + ".partial")
@@ -87,14 +93,30 @@ def export_main(config_path: str, out: str) -> int:
         for ev in iter_events(cfg.buffer_path):
             fh.write(json.dumps(ev, default=_bytes_hex, separators=(",", ":")) + "\n")
             n += 1
-            if tty and n % 10_000 == 0:
-                print(f"\rexported {n} events", end="", file=sys.stderr)
+            if bar is not None and n % 5_000 == 0:
+                bar.show(n)
         fh.flush()
+        os.fsync(fh.fileno())
     tmp.replace(out_path)
-    if tty:
-        print(f"\rexported {n} events", file=sys.stderr)
+    if bar is not None:
+        bar.show(n, end=True)
     print(f"{n} events written to {out_path}")
     return 0
+
+
+class _Progress:
+    """`[#########...........]  45%  450000/1000000 events` on stderr, redrawn in place."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int) -> None:
+        self.total = max(total, 1)
+
+    def show(self, n: int, *, end: bool = False) -> None:
+        frac = min(n / self.total, 1.0)
+        filled = int(frac * self.WIDTH)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        print(f"\r[{bar}] {frac:4.0%}  {n}/{self.total} events", end="\n" if end else "", file=sys.stderr)
 
 
 def _bytes_hex(o: object) -> str:

@@ -16,6 +16,7 @@ import msgpack
 import pytest
 
 from edge.buffer import Buffer, SealConflict, SealedBatch, StoredEvent, iter_events
+from edge.buffer.stats import count_events
 from edge.clock import FakeClock
 from edge.config import Config
 from edge.events import Pending, Source
@@ -185,6 +186,7 @@ async def test_export_yields_sealed_then_unsent_events(tmp_path: Path, clock: Fa
     b3 = await buf.seal(await buf.unsealed(1, 1 << 20), Builder())
     await buf.quarantine(3, b3.hh, "chain-broken")
     exported = list(iter_events(cfg.buffer_path))  # works while the buffer is open
+    assert count_events(cfg.buffer_path) == len(exported) == 5  # the export progress bar's total
     await buf.close()
     assert [(e["id"], e.get("batch"), e.get("batch_state")) for e in exported] == [
         (1, 1, "pending"),

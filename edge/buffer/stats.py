@@ -176,6 +176,19 @@ def read_stats(path: Path) -> BufferStats:
         conn.close()
 
 
+def count_events(path: Path) -> int:
+    """How many events `iter_events` will yield at most (sealed batches' plus unsent)."""
+    conn = _connect_ro(path)
+    try:
+        batched = conn.execute("SELECT coalesce(sum(n), 0) FROM batches").fetchone()[0]
+        unsent = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        return int(batched) + int(unsent)
+    except sqlite3.Error as exc:
+        raise BufferError_(f"cannot read {path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
 def iter_events(path: Path) -> Iterator[dict[str, Any]]:
     """Every stored event as its wire map, read-only (for `edge export`).
 
