@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from edge import __version__
 from edge.errors import ConfigError, EdgeError
@@ -63,7 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", default=None, metavar="FILE", help="write the verified summary as JSON")
     p.add_argument("--rate", type=float, default=None, metavar="N", help="readings per second per device kind")
     p.add_argument("--state", default=None, metavar="DIR", help="state folder (default: a fresh temporary one)")
+
+    _add_install(sub)
     return ap
+
+
+def _add_install(sub: Any) -> None:
+    """`edge install --systemd` and `edge uninstall` (edge/install.py)."""
+    p = sub.add_parser("install", help="install as a hardened systemd service (user, venv, config, keys, unit)")
+    p.add_argument("--systemd", action="store_true", required=True, help="as a systemd service (the only mode)")
+    p.add_argument("--root", metavar="DIR", help="install everything under DIR; touch nothing else")
+    p.add_argument("--from", dest="from_spec", metavar="SPEC", help="what pip installs (default: --source)")
+    p.add_argument("--source", metavar="DIR", help="store-edge checkout with systemd/ and config/")
+    p.add_argument("--no-deps", action="store_true", help="pip --no-deps (dependencies provided otherwise)")
+    p.add_argument("--wheelhouse", metavar="DIR", help="install offline from this folder of wheels")
+    p.add_argument("--config", metavar="FILE", help="a prepared config for /etc/store-edge/store.yaml")
+    p.add_argument("--tenant", help="identity for a config made from config/store.yaml")
+    p.add_argument("--store", help="identity for a config made from config/store.yaml")
+    p.add_argument("--device", help="identity for a config made from config/store.yaml")
+    p.add_argument("--tenant-key", metavar="FILE", help="provision the tenant key (32 bytes or 64 hex)")
+    p.add_argument("--python", metavar="PATH", help="interpreter for the venv (default: this one)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done")
+
+    p = sub.add_parser("uninstall", help="remove the service (config, buffer and keys stay unless --purge)")
+    p.add_argument("--root", metavar="DIR", help="uninstall from under DIR")
+    p.add_argument("--purge", action="store_true", help="also delete config, buffer and keys")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +144,10 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch pe
         return demo_main(
             duration=args.duration, broker=args.broker, summary=args.summary, rate=args.rate, state=args.state
         )
+    if cmd in ("install", "uninstall"):
+        from edge.install import install_main, uninstall_main
+
+        return install_main(args) if cmd == "install" else uninstall_main(args)
     raise AssertionError(cmd)  # argparse rejects unknown commands
 
 

@@ -51,7 +51,14 @@ def kernel_clock_synchronized() -> bool:
         state = int(libc.adjtimex(ctypes.byref(tx)))
     except (OSError, AttributeError):
         return False
-    return state != _TIME_ERROR and not (tx.status & _STA_UNSYNC)
+    return timex_synchronized(state, tx.status)
+
+
+def timex_synchronized(state: int, status: int) -> bool:
+    """adjtimex's return value and `status` -> synchronized. A failed call (-1: e.g. denied by
+    a seccomp filter such as systemd's ProtectClock=) means unknown, which counts as NOT
+    synchronized: retention pauses and events are flagged rather than trusting the clock."""
+    return state >= 0 and state != _TIME_ERROR and not (status & _STA_UNSYNC)
 
 
 @dataclass(slots=True)

@@ -181,10 +181,36 @@ class Drivers(Model):
         return v
 
 
+def split_host_port(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port); ValueError with the expected form otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9108), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:9108, got {text!r}")
+    return host, int(port)
+
+
 class Health(Model):
     enabled: bool = True
     listen: str = "127.0.0.1:9108"
     drain_timeout: Duration = Field(default=10.0, gt=0, le=300)
+    # the watchdog is withheld (and /healthz says 503) after this long without pipeline progress
+    stall_timeout: Duration = Field(default=60.0, gt=0, le=3600)
+    # announce the device by zeroconf as _store-edge._tcp (TXT: device, version, metrics port)
+    advertise: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        split_host_port(v)  # ValueError names the expected form
+        return v
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) of `listen`."""
+        return split_host_port(self.listen)
 
 
 class Logging(Model):

@@ -1,4 +1,10 @@
-"""`edge run`: the daemon in the foreground (systemd runs exactly this)."""
+"""`edge run`: the daemon in the foreground (systemd runs exactly this).
+
+Under systemd (`Type=notify`) it says READY=1 once config, keys, buffer and the enabled
+drivers are up, keeps STATUS= current, pings the watchdog from its event loop while the
+pipeline makes progress, and says STOPPING=1 on SIGTERM (edge/notify.py). The health
+endpoint and the zeroconf announcement are components after the uplink.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +13,50 @@ import sys
 
 import structlog
 
-from edge.clock import SystemClock
+from edge.clock import Clock, SystemClock
 from edge.config import Config
 from edge.configload import load_config
 from edge.errors import StartupError
+from edge.health import Liveness
 from edge.logs import configure_logging
+from edge.notify import Notifier, ServiceLink
 from edge.supervisor import ComponentFactory, Supervisor, install_signal_handlers
 
 
-def components_for(cfg: Config) -> list[ComponentFactory]:
-    """The optional components after the pipeline, in start order."""
+def components_for(cfg: Config, liveness: Liveness | None = None) -> list[ComponentFactory]:
+    """The optional components after the pipeline, in start order: uplink, health, advertise."""
     factories: list[ComponentFactory] = []
     if cfg.uplink.enabled:
         from edge.uplink.service import uplink_component
 
         factories.append(uplink_component)
+    if cfg.health.enabled and liveness is not None:
+        from edge.health import health_component
+
+        factories.append(health_component(liveness))
+    if cfg.health.advertise:
+        from edge.advertise import advertise_component
+
+        factories.append(advertise_component)
     return factories
 
 
-async def run_daemon(cfg: Config, config_path: str) -> None:
+async def run_daemon(
+    cfg: Config, config_path: str, *, notifier: Notifier | None = None, clock: Clock | None = None
+) -> None:
+    clock = clock or SystemClock()
+    notifier = notifier or Notifier.from_env()
     stop = asyncio.Event()
-    install_signal_handlers(stop)
-    sup = Supervisor(cfg, SystemClock(), components=components_for(cfg), config_path=config_path)
-    await sup.run(stop)
+    liveness = Liveness(clock, cfg.health.stall_timeout)
+    link = ServiceLink(notifier, clock, liveness, stop, drain_timeout=cfg.health.drain_timeout)
+    install_signal_handlers(stop, on_signal=link.on_signal)
+    sup = Supervisor(
+        cfg, clock, components=components_for(cfg, liveness), config_path=config_path, on_ready=link.ready
+    )
+    try:
+        await sup.run(stop)
+    finally:
+        await link.close()
 
 
 def run_main(config_path: str) -> int:

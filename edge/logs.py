@@ -12,6 +12,7 @@ Exceptions are formatted to text before scrubbing (tracebacks contain values too
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any, Literal, TextIO
@@ -68,17 +69,32 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
+def is_journal_stream(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """True when `stream` is the journal connection systemd gave us (`JOURNAL_STREAM=dev:ino`
+    names the same file), whatever else it looks like."""
+    raw = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    dev, sep, ino = raw.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) -> None:
     """Route structlog and stdlib logging to `stream` (default stdout), scrubbed.
 
-    JSON when `fmt` is json, or auto and the stream is not a terminal; console otherwise.
-    Timestamps are ISO 8601 UTC. Calling it again replaces the previous configuration.
+    JSON when `fmt` is json, or auto and the stream is the journal (`JOURNAL_STREAM`) or
+    not a terminal; console otherwise. Timestamps are ISO 8601 UTC. Calling it again
+    replaces the previous configuration.
     """
     out = sys.stdout if stream is None else stream
     lvl = _LEVELS.get(level.lower())
     if lvl is None:
         raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(_LEVELS)}")
-    use_json = fmt == "json" or (fmt == "auto" and not _is_tty(out))
+    use_json = fmt == "json" or (fmt == "auto" and (is_journal_stream(out) or not _is_tty(out)))
 
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,

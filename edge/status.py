@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.buffer.stats import count_events, iter_events, read_stats
+from edge.clock import kernel_clock_synchronized
 from edge.configload import load_config
 from edge.supervisor import RUNTIME_FILE
 from edge.units import format_duration, format_size
@@ -18,6 +19,8 @@ from edge.units import format_duration, format_size
 def collect_status(config_path: str) -> dict[str, Any]:
     cfg = load_config(config_path)
     doc: dict[str, Any] = {"device": cfg.identity.device, "buffer": None, "runtime": None}
+    # measured here, so it shows even when the daemon is not running
+    doc["clock"] = {"synchronized": kernel_clock_synchronized(), "wall_ms": int(time.time() * 1000)}
     if cfg.buffer_path.exists():
         doc["buffer"] = read_stats(cfg.buffer_path).to_json()
     runtime = cfg.paths.state_dir / RUNTIME_FILE
@@ -52,9 +55,17 @@ def _render(doc: dict[str, Any]) -> str:
             reason = f" ({d.get('degraded_reason')})" if d.get("degraded_reason") else ""
             lines.append(f"driver      {d.get('name')}: {d.get('state')}{reason}")
         for name, c in (rt.get("components") or {}).items():
-            lines.append(f"{name:<11} {c.get('state', '?')}")
+            where = c.get("listen") or c.get("service") or c.get("broker")
+            lines.append(f"{name:<11} {c.get('state', '?')}" + (f" ({where})" if where else ""))
     else:
         lines.append("daemon      not running (no runtime status)")
+    clk = doc.get("clock")
+    if clk is not None:
+        lines.append(
+            "clock       NTP-synchronized"
+            if clk.get("synchronized")
+            else "clock       NOT synchronized (kernel adjtimex): retention paused, new events flagged clock=unsynced"
+        )
     b = doc.get("buffer")
     if not b:
         lines.append("buffer      empty (no database yet)")

@@ -1,11 +1,14 @@
 """One supervisor owns every task of the daemon.
 
 Start order: keys -> buffer -> pipeline -> drivers (-> uplink, health when configured).
-Stop order is the reverse. On SIGTERM/SIGINT the drivers stop first, then every reading
-already in the pipeline is drained into the buffer and committed, bounded by
-`health.drain_timeout` (systemd's TimeoutStopSec is longer). A required component that
-cannot start makes `run()` raise `StartupError`, which the CLI turns into a clear message
-and a non-zero exit.
+Stop order is the reverse. On SIGTERM/SIGINT the components stop, then the drivers, then
+every reading already in the pipeline is drained into the buffer and committed; all of
+that shares one budget of `health.drain_timeout` (systemd's TimeoutStopSec is longer). A
+required component that cannot start makes `run()` raise `StartupError`, which the CLI
+turns into a clear message and a non-zero exit.
+
+Each driver's pump counts readings into and out of `pipeline.submit` (`Runtime.pumps`), so
+the watchdog (edge/notify.py, edge/health.py) can tell a hung pipeline from an idle one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +56,14 @@ class Component(Protocol):
 ComponentFactory = Callable[["Runtime"], Component]
 
 
+@dataclass(slots=True)
+class PumpProgress:
+    """How many readings of one driver entered `pipeline.submit` and how many came out."""
+
+    entered: int = 0
+    left: int = 0
+
+
 class Runtime:
     """What a running daemon is made of; handed to components that need the core."""
 
@@ -63,6 +75,7 @@ class Runtime:
         self.pipeline = pipeline
         self.drivers: list[Driver] = []
         self.components: list[Component] = []
+        self.pumps: dict[str, PumpProgress] = {}
 
 
 def open_keys(cfg: Config, clock: Clock, config_path: str | None = None) -> KeyStore:
@@ -126,7 +139,8 @@ class Supervisor:
 
                 rt.drivers = list(build_drivers(cfg, clock))
             for d in rt.drivers:
-                driver_tasks.append(asyncio.create_task(_pump(d, pipeline), name=f"driver:{d.name}"))
+                progress = rt.pumps.setdefault(d.name, PumpProgress())
+                driver_tasks.append(asyncio.create_task(_pump(d, pipeline, progress), name=f"driver:{d.name}"))
             for factory in self._component_factories:
                 comp = factory(rt)
                 try:
@@ -174,19 +188,24 @@ class Supervisor:
     ) -> None:
         timeout = self.cfg.health.drain_timeout
         log.info("stopping", drain_timeout_s=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # one budget for the whole stop, so it stays under TimeoutStopSec
         for comp in reversed(started):
             try:
-                await asyncio.wait_for(comp.stop(), timeout)
+                await asyncio.wait_for(comp.stop(), max(0.1, deadline - loop.time()))
             except Exception as exc:
-                log.error("component_stop_failed", component=comp.name, error=str(exc))
+                log.error("component_stop_failed", component=comp.name, error=str(exc) or type(exc).__name__)
         for t in driver_tasks:
             t.cancel()
-        await asyncio.gather(*driver_tasks, return_exceptions=True)
+        if driver_tasks:  # a backend that ignores cancellation must not hold the stop past its budget
+            _, stuck = await asyncio.wait(driver_tasks, timeout=max(0.5, deadline - loop.time()))
+            for t in stuck:
+                log.error("driver_stop_timeout", driver=t.get_name())
         for d in rt.drivers:
             with contextlib.suppress(Exception):
-                await d.aclose()
+                await asyncio.wait_for(d.aclose(), max(0.1, deadline - loop.time()))
         try:
-            last = await asyncio.wait_for(rt.buffer.flush(), timeout)
+            last = await asyncio.wait_for(rt.buffer.flush(), max(0.5, deadline - loop.time()))
             log.info("drained", last_committed_id=last)
         except TimeoutError:
             log.error("drain_timeout", timeout_s=timeout)
@@ -195,9 +214,13 @@ class Supervisor:
             write_runtime_status(rt, state="stopped")
 
 
-async def _pump(driver: Driver, pipeline: Pipeline) -> None:
+async def _pump(driver: Driver, pipeline: Pipeline, progress: PumpProgress | None = None) -> None:
+    if progress is None:
+        progress = PumpProgress()
     async for reading in driver.readings():
+        progress.entered += 1
         await pipeline.submit(reading)
+        progress.left += 1
 
 
 def write_runtime_status(rt: Runtime, state: str = "running") -> None:
@@ -221,7 +244,17 @@ def write_runtime_status(rt: Runtime, state: str = "running") -> None:
         log.warning("runtime_status_write_failed", error=str(exc))
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
+def install_signal_handlers(stop: asyncio.Event, on_signal: Callable[[str], None] | None = None) -> None:
+    """SIGTERM/SIGINT set `stop`; `on_signal(name)` runs first (e.g. to tell systemd STOPPING=1)."""
     loop = asyncio.get_running_loop()
+
+    def handler(sig: signal.Signals) -> None:
+        if on_signal is not None:
+            try:
+                on_signal(sig.name)
+            except Exception as exc:  # the stop itself must happen whatever the hook does
+                log.error("signal_hook_failed", error=type(exc).__name__)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, handler, sig)

@@ -11,6 +11,7 @@ if [ "$mode" = test ]; then
   # a real Mosquitto broker (plain + TLS) for the uplink tests; dbus for the mocked BlueZ;
   # iproute2/util-linux for network namespaces that cut the uplink
   apt_pkgs+=(mosquitto dbus iproute2 util-linux openssl)
+  apt_pkgs+=(systemd)  # systemd-analyze verify/security and systemd-sysusers for the unit checks
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
