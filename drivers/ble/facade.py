@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 from drivers.base import (
     Backend,
@@ -12,7 +13,6 @@ from drivers.base import (
     Driver,
     SimOptions,
     Sleep,
-    not_implemented,
     resolve_backend,
 )
 from drivers.ble.config import Ble
@@ -26,8 +26,9 @@ def default_backend(cfg: Ble, clock: Clock, sim: SimOptions | None = None) -> Ba
 
         opts = sim or SimOptions()
         return BleSim(cfg, clock, inject=opts.inject, limit=opts.limit, sleep=opts.sleep)
-    # "bleak": the real backend lands in its own issue (drivers/ble/bleak.py, imported here)
-    raise not_implemented("ble", cfg.backend)
+    from drivers.ble.bleak import BleakBackend
+
+    return BleakBackend(cfg, clock)
 
 
 class BleDriver(Driver):
@@ -56,3 +57,12 @@ class BleDriver(Driver):
         chosen = default_backend(cfg, clock, sim) if backend is None else resolve_backend(backend, cfg, clock)
         super().__init__("ble", "ble", chosen, clock, sleep=sleep, rng=rng, backoff=backoff)
         self.cfg = cfg
+
+    def status(self) -> dict[str, Any]:
+        """The facade's status plus the backend's counters under `ble` (the real backend's
+        watchdog level, restarts, power cycles, presence and decoder counts; no identifiers)."""
+        out = super().status()
+        stats = getattr(self.backend, "stats", None)
+        if callable(stats):
+            out["ble"] = stats()
+        return out
