@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any, Protocol, runtime_checkable
 
 from drivers.base import (
     Backend,
@@ -12,11 +13,17 @@ from drivers.base import (
     Driver,
     SimOptions,
     Sleep,
-    not_implemented,
     resolve_backend,
 )
 from drivers.nfc.config import Nfc
 from edge.clock import Clock
+
+
+@runtime_checkable
+class HasStats(Protocol):
+    """A backend with counters of its own (taps, debounced, rejections) for `status()`."""
+
+    def stats(self) -> dict[str, int]: ...
 
 
 def default_backend(cfg: Nfc, clock: Clock, sim: SimOptions | None = None) -> Backend:
@@ -26,8 +33,9 @@ def default_backend(cfg: Nfc, clock: Clock, sim: SimOptions | None = None) -> Ba
 
         opts = sim or SimOptions()
         return NfcSim(cfg, clock, inject=opts.inject, limit=opts.limit, sleep=opts.sleep)
-    # "nfcpy": the real backend lands in its own issue (drivers/nfc/nfcpy.py, imported here)
-    raise not_implemented("nfc", cfg.backend)
+    from drivers.nfc.nfcpy import NfcpyBackend
+
+    return NfcpyBackend(cfg, clock)
 
 
 class NfcDriver(Driver):
@@ -56,3 +64,10 @@ class NfcDriver(Driver):
         chosen = default_backend(cfg, clock, sim) if backend is None else resolve_backend(backend, cfg, clock)
         super().__init__("nfc", "nfc", chosen, clock, sleep=sleep, rng=rng, backoff=backoff)
         self.cfg = cfg
+
+    def status(self) -> dict[str, Any]:
+        """The common fields, plus the backend's own counters under `nfc` when it has them."""
+        out = super().status()
+        if isinstance(self.backend, HasStats):
+            out["nfc"] = self.backend.stats()
+        return out

@@ -1,0 +1,122 @@
+"""NDEF messages read from a tag -> typed records (pure parsing with ndeflib, no I/O).
+
+`parse_ndef(octets)` decodes strictly with ndeflib, recognizing URI, Text and Smart
+Poster records; any record whose type is a MIME type (`text/plain`,
+`application/vnd.acme.loyalty`, ...) is a `mime` record with its payload. It returns the
+records, or raises `NdefError` (a ValueError with a `reason`) for anything malformed:
+it raises nothing else, whatever the bytes.
+
+`NdefRecord.summary()` is what an event may carry about a record: its kind and shape
+(URI scheme, text language and length, MIME type, payload size), never its content,
+which may be personal (a name on a business card, a member number in a URL).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import ndef as ndeflib
+
+MAX_OCTETS = 64 * 1024  # larger than any tag's NDEF area
+MAX_RECORDS = 64
+RecordKind = Literal["uri", "text", "smartposter", "mime", "external", "empty", "other"]
+
+# only these record types are decoded into classes; everything else stays a plain Record
+_KNOWN_TYPES: dict[str, type[Any]] = {
+    "urn:nfc:wkt:U": ndeflib.UriRecord,
+    "urn:nfc:wkt:T": ndeflib.TextRecord,
+    "urn:nfc:wkt:Sp": ndeflib.SmartposterRecord,
+}
+_MIME = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$")
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]{0,15}):")
+_LANG = re.compile(r"^[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8}){0,3}$")
+_EXTERNAL = re.compile(r"^[a-z0-9.:_-]{1,64}$")
+
+
+class NdefError(ValueError):
+    """Malformed NDEF data. `reason`: `too_large`, `too_many_records`, `malformed`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed NDEF message: {reason}")
+        self.reason = reason
+
+
+@dataclass(slots=True, frozen=True)
+class NdefRecord:
+    """One decoded record. Content fields may hold personal data: keep them in memory."""
+
+    kind: RecordKind
+    uri: str | None = None  # uri, smartposter
+    text: str | None = None  # text; a smart poster's title
+    lang: str | None = None  # text
+    type_name: str | None = None  # mime: the MIME type (lower case); external: its name
+    payload: bytes = b""  # mime, external, other
+
+    def __repr__(self) -> str:  # content may be personal: never in a traceback
+        return f"NdefRecord({self.kind})"
+
+    def summary(self) -> dict[str, Any]:
+        """Kind and shape only (see the module docstring)."""
+        out: dict[str, Any] = {"type": self.kind}
+        if self.kind in ("uri", "smartposter"):
+            m = _SCHEME.match((self.uri or "").lower())
+            out["scheme"] = m.group(1) if m else "?"
+        if self.kind == "text":
+            out["lang"] = self.lang if self.lang and _LANG.match(self.lang) else "?"
+            out["chars"] = len(self.text or "")
+        if self.kind == "mime":
+            out["mime"] = self.type_name if self.type_name and _MIME.match(self.type_name) else "?"
+        if self.kind == "external":
+            out["name"] = self.type_name if self.type_name and _EXTERNAL.match(self.type_name) else "?"
+        if self.kind in ("mime", "external", "other"):
+            out["bytes"] = len(self.payload)
+        return out
+
+
+def parse_ndef(octets: bytes | bytearray) -> tuple[NdefRecord, ...]:
+    """Decode an NDEF message; `()` for no bytes at all. See the module docstring."""
+    if len(octets) > MAX_OCTETS:
+        raise NdefError("too_large")
+    if not octets:
+        return ()
+    try:
+        decoded = itertools.islice(
+            ndeflib.message_decoder(bytes(octets), errors="strict", known_types=_KNOWN_TYPES), MAX_RECORDS + 1
+        )
+        out = tuple(_record(rec) for rec in decoded)
+    except Exception as exc:  # ndeflib raises DecodeError, and on hostile bytes sometimes others
+        raise NdefError("malformed") from exc
+    if len(out) > MAX_RECORDS:
+        raise NdefError("too_many_records")
+    return out
+
+
+def _record(rec: Any) -> NdefRecord:
+    if isinstance(rec, ndeflib.UriRecord):
+        return NdefRecord("uri", uri=str(rec.iri))
+    if isinstance(rec, ndeflib.TextRecord):
+        return NdefRecord("text", text=str(rec.text), lang=str(rec.language))
+    if isinstance(rec, ndeflib.SmartposterRecord):
+        resource = rec.resource
+        title = rec.title
+        return NdefRecord(
+            "smartposter",
+            uri=None if resource is None else str(resource.iri),
+            text=None if title is None else str(title),
+        )
+    return _generic(rec)
+
+
+def _generic(rec: Any) -> NdefRecord:
+    rtype = str(rec.type or "")
+    payload = bytes(rec.data or b"")
+    if not rtype:
+        return NdefRecord("empty")
+    if rtype.startswith("urn:nfc:ext:"):
+        return NdefRecord("external", type_name=rtype.removeprefix("urn:nfc:ext:").lower(), payload=payload)
+    if "/" in rtype and "://" not in rtype and not rtype.startswith("urn:"):
+        return NdefRecord("mime", type_name=rtype.lower(), payload=payload)
+    return NdefRecord("other", type_name=rtype, payload=payload)
