@@ -76,14 +76,6 @@ def resolve_backend(
     return cast(Backend, backend)  # an instance: it has `readings`
 
 
-def not_implemented(kind: DriverKind, backend: str) -> DriverError:
-    return DriverError(
-        f"{kind} backend {backend!r} is not implemented yet",
-        reason="not_implemented",
-        hint=f"set drivers.{kind} backend: sim until the real {backend} backend lands",
-    )
-
-
 @dataclass(slots=True, frozen=True)
 class Backoff:
     """Capped exponential backoff with +/- `jitter` (fraction) around each step."""

@@ -15,7 +15,7 @@ def build_drivers(cfg: Config, clock: Clock, *, sim: SimOptions | None = None) -
 
     `sim` reaches every simulated backend (injected identifiers for the leak test, a
     reading limit for benchmarks, a pacing sleep for tests); real backends ignore it.
-    Raises `DriverError` (reason `not_implemented`) for a backend that does not exist yet.
+    Real backends touch no device here: they open it when their driver starts.
     """
     d = cfg.drivers
     out: list[Driver] = []

@@ -1,9 +1,15 @@
-"""The POS driver facade: one `PosDriver` per configured link (register)."""
+"""The POS driver facade: one `PosDriver` per configured link (register).
+
+Backends: `sim` (drivers.pos.sim) and `serial` (drivers.pos.serial, pyserial), imported
+only when chosen. Constructing a serial driver does not touch the port: it is opened by
+`readings()`, and a missing device is a degraded state with retries, not a startup error.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 from drivers.base import (
     Backend,
@@ -12,7 +18,6 @@ from drivers.base import (
     Driver,
     SimOptions,
     Sleep,
-    not_implemented,
     resolve_backend,
 )
 from drivers.pos.config import PosLink
@@ -26,8 +31,9 @@ def default_backend(link: PosLink, clock: Clock, sim: SimOptions | None = None) 
 
         opts = sim or SimOptions()
         return PosSim(link, clock, inject=opts.inject, limit=opts.limit, sleep=opts.sleep)
-    # "serial": the real backend lands in its own issue (drivers/pos/serial.py, imported here)
-    raise not_implemented("pos", link.backend)
+    from drivers.pos.serial import PosSerial
+
+    return PosSerial(link, clock)
 
 
 class PosDriver(Driver):
@@ -58,3 +64,14 @@ class PosDriver(Driver):
         )
         super().__init__(f"pos:{link.name}", "pos", chosen, clock, sleep=sleep, rng=rng, backoff=backoff)
         self.link = link
+
+    def status(self) -> dict[str, Any]:
+        """The facade's status plus, for a backend that counts them, bad-input counts by
+        reason (`input_problems`; no content)."""
+        out = super().status()
+        backend_status = getattr(self.backend, "status", None)
+        if callable(backend_status):
+            problems = backend_status().get("problems")
+            if isinstance(problems, dict):
+                out["input_problems"] = problems
+        return out
