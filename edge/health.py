@@ -40,6 +40,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from edge import __version__
+from edge.aio import bounded
 from edge.buffer import BufferStats
 from edge.clock import Clock
 from edge.units import format_duration, format_size
@@ -135,7 +136,7 @@ class Snapshot:
 async def buffer_stats(rt: Runtime, last: BufferStats | None = None) -> tuple[BufferStats | None, bool]:
     """(stats, fresh): the buffer's stats, or `last` when it does not answer within STATS_TIMEOUT."""
     try:
-        return await asyncio.wait_for(rt.buffer.stats(), STATS_TIMEOUT), True
+        return await bounded(rt.buffer.stats(), STATS_TIMEOUT), True
     except Exception as exc:  # a busy or failing buffer must not break a scrape or STATUS=
         log.debug("health_stats_unavailable", error=type(exc).__name__)
         return last, False
@@ -386,7 +387,7 @@ class HealthServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await bounded(self._server.wait_closed(), 2.0)
         self.state = "stopped"
 
     def status(self) -> dict[str, Any]:

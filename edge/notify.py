@@ -17,7 +17,6 @@ is none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from edge.aio import wait_event
 from edge.clock import Clock
 
 if TYPE_CHECKING:
@@ -176,8 +176,7 @@ class ServiceLink:
             and self._clock.monotonic() < deadline
             and not self._stop.is_set()
         ):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 0.05)
+            await wait_event(self._stop, 0.05)
         if self._stop.is_set():
             return
         status = await self._status_text(rt)

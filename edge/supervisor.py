@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import structlog
 
 from drivers.base import Driver
+from edge.aio import bounded, wait_event
 from edge.buffer import Buffer
 from edge.clock import Clock
 from edge.config import Config
@@ -180,8 +181,7 @@ class Supervisor:
         """Wait for stop, writing the runtime status file for `edge status` every 2 s."""
         while not stop.is_set():
             write_runtime_status(rt)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 2.0)
+            await wait_event(stop, 2.0)
 
     async def _shutdown(
         self, rt: Runtime, driver_tasks: list[asyncio.Task[None]], started: list[Component]
@@ -192,7 +192,7 @@ class Supervisor:
         deadline = loop.time() + timeout  # one budget for the whole stop, so it stays under TimeoutStopSec
         for comp in reversed(started):
             try:
-                await asyncio.wait_for(comp.stop(), max(0.1, deadline - loop.time()))
+                await bounded(comp.stop(), max(0.1, deadline - loop.time()))
             except Exception as exc:
                 log.error("component_stop_failed", component=comp.name, error=str(exc) or type(exc).__name__)
         for t in driver_tasks:
@@ -203,9 +203,9 @@ class Supervisor:
                 log.error("driver_stop_timeout", driver=t.get_name())
         for d in rt.drivers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(d.aclose(), max(0.1, deadline - loop.time()))
+                await bounded(d.aclose(), max(0.1, deadline - loop.time()))
         try:
-            last = await asyncio.wait_for(rt.buffer.flush(), max(0.5, deadline - loop.time()))
+            last = await bounded(rt.buffer.flush(), max(0.5, deadline - loop.time()))
             log.info("drained", last_committed_id=last)
         except TimeoutError:
             log.error("drain_timeout", timeout_s=timeout)
