@@ -32,6 +32,10 @@ from edge.errors import EdgeError, KeyError_
 log = structlog.get_logger()
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# paho leaves Nagle's algorithm on; with the peer's delayed ACKs every small write that follows
+# another (a PUBACK after a PUBLISH, an ack after a PUBACK) can wait ~40 ms for the previous one's
+# TCP ACK, which caps a window-1 link at ~11 round trips/s even on loopback
+NO_DELAY: tuple[tuple[int, int, int], ...] = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 Scheme = Literal["mqtt", "mqtts"]
 _E = TypeVar("_E", bound=BaseException)
 
@@ -143,6 +147,7 @@ class ConnectParams:
             tls_context=self.tls_context,
             keepalive=self.keepalive,
             timeout=self.timeout,
+            socket_options=NO_DELAY,
         )
 
 

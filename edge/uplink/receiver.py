@@ -23,7 +23,6 @@ was sent) and the events are appended again. The file is at-least-once, the stor
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -39,8 +38,11 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge.aio import wait_event
 from edge.clock import Clock, SystemClock
 from edge.errors import ConfigError, EdgeError, KeyError_, StartupError, WireError
+from edge.uplink.connect import NO_DELAY
+from edge.uplink.jsonlines import json_line_encoder
 from edge.uplink.receiver_config import ReceiverConfig, load_receiver_config
 from edge.uplink.verify import load_public_keys
 from edge.uplink.wire import (
@@ -163,12 +165,6 @@ def load_cloud_key(path: Path) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(raw)
 
 
-def _json_default(o: object) -> object:
-    if isinstance(o, bytes):
-        return o.hex()
-    return str(o)  # msgpack ext types and timestamps: readable, never fatal
-
-
 @dataclass(slots=True)
 class _Group:
     """What one group of messages produced; applied to stats/logs only once committed."""
@@ -188,7 +184,7 @@ class Receiver:
         self._cfg = cfg
         self._on_event = on_event
         self._clock = clock or SystemClock()
-        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_json_default)
+        self._encode = json_line_encoder()
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._keys_loaded_at = -1e18
         self._cloud_key: Ed25519PrivateKey | None = None
@@ -242,7 +238,7 @@ class Receiver:
         proto = aiomqtt.ProtocolVersion.V5 if cfg.protocol == "5" else aiomqtt.ProtocolVersion.V311
         return aiomqtt.Client(
             cfg.host, cfg.port, identifier=cfg.client_id, protocol=proto, tls_params=tls,
-            keepalive=cfg.keepalive,
+            keepalive=cfg.keepalive, socket_options=NO_DELAY,
         )  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -265,8 +261,7 @@ class Receiver:
                     self.ready.clear()
                     wait = delay * random.uniform(0.5, 1.0)
                     log.warning("receiver_disconnected", error=str(exc), retry_in=round(wait, 2))
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), wait)
+                    await wait_event(stop, wait)
                     delay = min(delay * 2, 30.0)
         finally:
             self.ready.clear()
@@ -464,7 +459,7 @@ class Receiver:
 
     def _write(self, b: Batch, events: list[dict[str, Any]], now: int, g: _Group) -> None:
         extra = {"tenant": b.tenant, "store": b.store, "device": b.device, "seq": b.seq, "received_ms": now}
-        encode = self._encoder.encode
+        encode = self._encode
         if self._on_event is None:
             # fast path: splice the pre-encoded extra fields into each event's object
             tail = "," + encode(extra)[1:] + "\n"

@@ -80,7 +80,9 @@ class ReceiverConfig(_Model):
         """A copy with every relative path made absolute against `base`."""
 
         def fix(p: Path | None) -> Path | None:
-            return None if p is None or p.is_absolute() else base / p
+            # an absolute path is kept as it is (it used to become None: absolute cloud_key and
+            # TLS files were silently dropped, so acks went out unsigned)
+            return p if p is None or p.is_absolute() else base / p
 
         tls = self.tls.model_copy(
             update={k: fix(getattr(self.tls, k)) for k in ("ca_file", "cert_file", "key_file")}
@@ -88,9 +90,9 @@ class ReceiverConfig(_Model):
         return self.model_copy(
             update={
                 "tls": tls,
-                "keys_dir": fix(self.keys_dir) or self.keys_dir,
-                "db": fix(self.db) or self.db,
-                "out": fix(self.out) or self.out,
+                "keys_dir": fix(self.keys_dir),
+                "db": fix(self.db),
+                "out": fix(self.out),
                 "cloud_key": fix(self.cloud_key),
             }
         )

@@ -25,6 +25,7 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge.aio import wait_event
 from edge.buffer import SealedBatch
 from edge.errors import EdgeError, WireError
 from edge.supervisor import Runtime
@@ -93,6 +94,7 @@ class Uplink:
         }
         self.last_ack_ms: int | None = None
         self._params: ConnectParams | None = None
+        self._connected = False  # a session is established (until it ends)
 
     # -- component protocol ---------------------------------------------------------
     async def start(self) -> None:
@@ -101,6 +103,11 @@ class Uplink:
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        if self._task is not None and not self._connected:
+            # nothing to flush while not connected; a connect attempt would otherwise hold the stop
+            # for up to its timeout (10 s, e.g. a broker refusing our certificate under TLS 1.3).
+            # Once connected, the session leaves by itself and publishes `offline` first.
+            self._task.cancel()
         if self._task is not None:
             done, _ = await asyncio.wait({self._task}, timeout=5.0)
             if not done:
@@ -131,7 +138,10 @@ class Uplink:
             try:
                 url = await self._broker_url()
                 self.broker = url
-                await self._session(url)
+                try:
+                    await self._session(url)
+                finally:
+                    self._connected = False
                 delay = self._ucfg.reconnect.initial
             except (aiomqtt.MqttError, OSError, EdgeError, ExceptionGroup) as exc:
                 # a drop mid-session surfaces as an ExceptionGroup from the session's TaskGroup
@@ -142,9 +152,7 @@ class Uplink:
             if self._stopping.is_set():
                 break
             self.state = "backoff"
-            sleep = self._rng.uniform(delay / 2, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), sleep)
+            await wait_event(self._stopping, self._rng.uniform(delay / 2, delay))
             delay = min(self._ucfg.reconnect.max, delay * 2)
 
     async def _explain(self, exc: BaseException) -> str:
@@ -173,6 +181,7 @@ class Uplink:
             protocol=aiomqtt.ProtocolVersion.V311,
         )
         async with client:
+            self._connected = True
             self.counters["connects"] += 1
             online = {"state": "online", "device": self._ids[2], "kid": self._rt.keys.kid()}
             await client.publish(self._status_topic, json.dumps(online).encode(), qos=1, retain=True)
@@ -222,8 +231,7 @@ class Uplink:
             self._wake.clear()
             wait = min(timeout, self._batcher.linger_left() or timeout) if self._inflight else \
                 self._batcher.linger_left()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.005, wait))
+            await wait_event(self._wake, max(0.005, wait))
 
     async def _publish(self, client: aiomqtt.Client, b: SealedBatch) -> None:
         if self._bucket is not None:
