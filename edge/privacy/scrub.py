@@ -132,9 +132,16 @@ def _card_spans(run: str) -> list[tuple[int, int]]:
     return spans
 
 
+# Prefilter: a card number spans >= 13 consecutive characters that are digits, spaces or
+# dashes. Mapping those bytes to 1 and all others to 0 and looking for thirteen 1s is two C
+# loops, ~10x cheaper than the regex on a text without one (UUIDs, names, hex ids).
+_RUN_CHARS = bytes(1 if chr(b) in "0123456789 -" else 0 for b in range(256))
+_RUN13 = b"\x01" * 13
+
+
 def scrub_cards(text: str) -> tuple[str, int]:
     """Replace every Luhn-valid 13-19 digit card number in `text` by `[card]`; return the count."""
-    if len(text) < 13:
+    if len(text) < 13 or _RUN13 not in text.encode("utf-8", "surrogatepass").translate(_RUN_CHARS):
         return text, 0
     pos = 0
     out: list[str] | None = None

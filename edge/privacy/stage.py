@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -40,30 +39,41 @@ class CardScrubStage:
     def __call__(self, r: Reading) -> Reading:
         text = r.text
         new_text: dict[str, str] | None = None
-        for k, v in text.items():
-            if len(v) >= _MIN_CARD:
-                s, n = scrub_cards(v)
-                if n:
-                    if new_text is None:
-                        new_text = dict(text)
-                    new_text[k] = s
-                    self.cards_removed += n
+        if text:
+            for k, v in text.items():
+                if len(v) >= _MIN_CARD:
+                    s, n = scrub_cards(v)
+                    if n:
+                        if new_text is None:
+                            new_text = dict(text)
+                        new_text[k] = s
+                        self.cards_removed += n
         data = r.data
-        new_data = self._mapping(data, 1) if data else data
+        new_data = data
+        for v in data.values():
+            # the common case inline (numbers, short strings); anything else gets a full scan
+            t = type(v)
+            if t in _SCALARS or (t is str and len(v) < _MIN_CARD):
+                continue
+            new_data = self._mapping(data, 1)
+            break
         ids = r.ids
         new_ids = None
-        for ident in ids.values():
-            if ident.cls == "card_number":
-                new_ids = {k: i for k, i in ids.items() if i.cls != "card_number"}
-                self.cards_removed += len(ids) - len(new_ids)
-                break
+        if ids:
+            for ident in ids.values():
+                if ident.cls == "card_number":
+                    new_ids = {k: i for k, i in ids.items() if i.cls != "card_number"}
+                    self.cards_removed += len(ids) - len(new_ids)
+                    break
         if new_text is None and new_data is data and new_ids is None:
             return r
-        return dataclasses.replace(
-            r,
-            text=text if new_text is None else new_text,
-            data=new_data,
-            ids=ids if new_ids is None else new_ids,
+        return Reading(
+            r.src,
+            r.type,
+            r.ts,
+            new_data,
+            ids if new_ids is None else new_ids,
+            text if new_text is None else new_text,
         )
 
     def _value(self, v: Any, depth: int) -> Any:
@@ -121,21 +131,24 @@ class PrivacyStage:
 
     def __init__(self, pz: Pseudonymizer) -> None:
         self._pz = pz
+        self._pseudonym = pz.pseudonym
         self.dropped: Counter[IdentClass] = Counter()
 
     def __call__(self, r: Reading) -> Pending:
         data = dict(r.data)
-        if r.text:
+        text = r.text
+        if text:
             pz = self._pz
-            for k, v in r.text.items():
+            for k, v in text.items():
                 data[k] = scrub_text(v, pz)
-        if r.ids:
-            pseudonym = self._pz.pseudonym
-            for field, ident in r.ids.items():
+        ids = r.ids
+        if ids:
+            pseudonym = self._pseudonym
+            for field, ident in ids.items():
                 p = pseudonym(ident)
                 if p is None:
                     data.pop(field, None)
                     self.dropped[ident.cls] += 1
                 else:
                     data[field] = p
-        return Pending(ts=r.ts, src=r.src, type=r.type, data=data)
+        return Pending(r.ts, r.src, r.type, data)
