@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Mapping, Sequence
 from types import BuiltinFunctionType, FunctionType, MethodType
 from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from drivers.pos.receipt import parse_receipt
+from drivers.pos.receipt import ReceiptParser, parse_receipt
 from edge.clock import Clock
 from edge.events import Pending, Reading
 from edge.privacy.stage import CardScrubStage, PrivacyStage
@@ -38,6 +38,9 @@ ReadingStage = Callable[[Reading], Reading]
 T = TypeVar("T")
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _SKEW_MS = 24 * 3600 * 1000
+# capture times before this (2025-01-01T00:00Z, before this software existed) are a device or
+# driver clock gone wrong (a Pi without RTC boots near 1970), even when the box's clock is synced
+PAST_FLOOR_MS = 1_735_689_600_000
 _MAX_TYPES = 1024  # bound on remembered valid event types
 
 
@@ -53,14 +56,17 @@ class NormalizeStage:
     """Per-source shaping into the event model.
 
     - `pos.receipt_text` (receipt lines from a POS tap, already card-scrubbed) becomes a
-      structured `pos.receipt`; the loyalty number stays an identifier for the next stage.
+      structured `pos.receipt` by its link's rules (`receipt_parsers`, keyed by the link
+      name = the reading's `register`; default rules otherwise); the loyalty number stays an
+      identifier for the next stage.
     - The event type must be a dotted lowercase name.
     - When the wall clock is not NTP-synchronized, or a capture time lies more than a day
-      in the future, the event says so (`clock: "unsynced"` / `"future"`) instead of
-      silently carrying a wrong time.
+      in the future, or before `PAST_FLOOR_MS`, the event says so (`clock: "unsynced"` /
+      `"future"` / `"past"`) instead of silently carrying a wrong time.
     """
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, receipt_parsers: Mapping[str, ReceiptParser] | None = None) -> None:
+        self._parsers = dict(receipt_parsers or {})
         self._synchronized = clock.synchronized
         self._wall_ms = clock.wall_ms
         self._types: set[str] = set()  # event types already checked (a driver has a handful)
@@ -72,7 +78,7 @@ class NormalizeStage:
         elif typ == "pos.receipt_text":
             text = r.text.get("receipt", "")
             register = str(r.data.get("register", ""))
-            data, ids = parse_receipt(text, register)
+            data, ids = parse_receipt(text, register, self._parsers.get(register))
             r = Reading("pos", "pos.receipt", r.ts, data, ids)
         elif _TYPE_RE.match(typ):
             if len(self._types) < _MAX_TYPES:
@@ -83,6 +89,8 @@ class NormalizeStage:
             flag = "unsynced"
         elif r.ts > self._wall_ms() + _SKEW_MS:
             flag = "future"
+        elif r.ts < PAST_FLOOR_MS:
+            flag = "past"
         else:
             return r
         return Reading(r.src, r.type, r.ts, {**r.data, "clock": flag}, r.ids, r.text)
@@ -178,7 +186,13 @@ def _compose(pre: Sequence[ReadingStage], last: Callable[[Reading], Pending]) ->
     return run
 
 
-def build_pipeline(clock: Clock, privacy: PrivacyStage, sink: Sink) -> tuple[Pipeline, CardScrubStage]:
+def build_pipeline(
+    clock: Clock,
+    privacy: PrivacyStage,
+    sink: Sink,
+    *,
+    receipt_parsers: Mapping[str, ReceiptParser] | None = None,
+) -> tuple[Pipeline, CardScrubStage]:
     """The standard pipeline: card scrub -> normalize -> privacy -> sink."""
     cards = CardScrubStage()
-    return Pipeline([cards, NormalizeStage(clock)], privacy, sink), cards
+    return Pipeline([cards, NormalizeStage(clock, receipt_parsers)], privacy, sink), cards

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import structlog
 
 from drivers.base import Driver
+from drivers.pos.receipt import receipt_parsers
 from edge.aio import bounded, wait_event
 from edge.buffer import Buffer
 from edge.clock import Clock
@@ -127,7 +128,7 @@ class Supervisor:
                 "buffer", f"{cfg.buffer_path}: {exc}", hint="check that the state dir exists and is writable"
             ) from exc
         privacy = PrivacyStage(pz)
-        pipeline, _cards = build_pipeline(clock, privacy, buffer)
+        pipeline, _cards = build_pipeline(clock, privacy, buffer, receipt_parsers=receipt_parsers(cfg.drivers.pos))
         rt = Runtime(cfg, clock, keys, buffer, pipeline)
         self.runtime = rt
         driver_tasks = self._driver_tasks

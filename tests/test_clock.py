@@ -151,12 +151,10 @@ def test_events_from_the_future_say_so_and_normal_ones_carry_no_flag() -> None:
     assert "clock" not in NormalizeStage(clock)(reading(NOW)).data
 
 
-@pytest.mark.xfail(strict=True, reason="NormalizeStage flags unsynced and future, not an implausibly old ts "
-                   "(fix: flag ts below a floor such as the build date as clock='past')")
 def test_a_1970_capture_time_is_flagged_even_when_the_clock_claims_sync() -> None:
     """A reading stamped 1970 (a driver or device clock gone wrong) while the box is synced."""
     clock = FakeClock(sync=True)
-    assert "clock" in NormalizeStage(clock)(reading(0)).data
+    assert NormalizeStage(clock)(reading(0)).data["clock"] == "past"
 
 
 # -- retention and a clock that jumps ------------------------------------------------------------------

@@ -18,7 +18,9 @@ from pydantic import ValidationError
 
 from drivers.pos.config import PosLink, ReceiptRules
 from drivers.pos.receipt import ReceiptParser, parse_receipt, receipt_parsers
-from edge.events import Ident
+from edge.clock import FakeClock
+from edge.events import Ident, Reading
+from edge.pipeline import NormalizeStage
 
 NORDIC = """\
 KVITTO 2026-0007
@@ -221,3 +223,17 @@ def test_store_yaml_shows_the_default_rules_for_every_link() -> None:
     links = [PosLink.model_validate(x) for x in raw["drivers"]["pos"]]
     assert links
     assert all(link.receipt == ReceiptRules() for link in links)
+
+
+def test_the_pipeline_parses_text_receipts_with_their_links_rules() -> None:
+    """NormalizeStage picks the parser of the reading's link (`register`); other links keep the defaults."""
+    german = PosLink(name="kasse-1", receipt=ReceiptRules(total=r"^SUMME\s+EUR\s+(?P<amount>\d+,\d{2})"))
+    stage = NormalizeStage(FakeClock(), receipt_parsers([german, PosLink(name="till-2")]))
+    text = "Bon-Nr: 7\nSUMME EUR 12,34\n"
+
+    def total(register: str) -> Any:
+        r = Reading("pos", "pos.receipt_text", 1_767_225_600_000, {"register": register}, text={"receipt": text})
+        return stage(r).data.get("total_cents")
+
+    assert total("kasse-1") == 1234
+    assert total("till-2") is None  # the default rules look for TOTAL, not SUMME
