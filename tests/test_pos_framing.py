@@ -5,6 +5,7 @@ no input makes a framer raise (hypothesis, derandomized)."""
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 
@@ -199,6 +200,79 @@ def test_escpos_unknown_commands_are_counted_and_text_kept() -> None:
     assert texts(out) == ["ab"]
 
 
+def _receipts(n: int, first: int = 0) -> tuple[bytes, list[str]]:
+    """n python-escpos till receipts (ESC @ ... cut): their bytes and their texts."""
+    data, want = b"", []
+    for k in range(first, first + n):
+        p = _printer()
+        receipt_job(p, register="till-1", receipt_no=f"0042-01-{k:06d}",
+                    items=[Item("OAT DRINK 1L", "4006381333931", k + 1, 149)])  # fmt: skip
+        data += p.output
+        want += texts(EscPosFramer().feed(p.output))
+    return data, want
+
+
+NOISE_RASTER = b"\x1dv0\x00\xff\xff\xff\xff"  # GS v 0: 65535 x 65535 bytes of image declared
+
+
+def test_escpos_noise_declaring_a_huge_payload_does_not_swallow_the_receipts_after_it() -> None:
+    """Noise in the middle of a receipt declares a 4 GB raster image; the six receipts
+    after it (~6 KB, well inside any payload cap) all arrive, split anywhere. Only the
+    receipt the noise interrupted is lost (its cut never came as a command): dropped as
+    `truncated` with the skip counted, and the 4 GB declaration counted `oversize`."""
+    before, (first,) = _receipts(1)
+    after, want = _receipts(6, first=1)
+    data = before[: len(before) // 2] + NOISE_RASTER + b"\x00\x1b\x02" * 50 + after
+    for chunks in ([data], bytewise(data), [data[i : i + 97] for i in range(0, len(data), 97)]):
+        out = feed_all(EscPosFramer(), chunks)
+        assert texts(out) == want
+        assert first not in texts(out)
+        assert reasons(out) == ["oversize", "command", "truncated"]
+
+
+def test_escpos_random_line_noise_never_swallows_later_receipts() -> None:
+    """Seeded random noise bursts (a wrong baud rate) between python-escpos receipts: every
+    receipt arrives exactly, split anywhere; the noise's cut-like bytes and the noise text
+    before a receipt's ESC @ give no receipts, only `noise` counts."""
+    data, want = b"", []
+    for seed in range(12):
+        more, more_texts = _receipts(2, first=2 * seed)
+        data += random.Random(seed).randbytes(20_000) + more
+        want += more_texts
+    for chunks in ([data], [data[i : i + 61] for i in range(0, len(data), 61)]):
+        out = feed_all(EscPosFramer(), chunks)
+        assert texts(out) == want
+        assert "noise" in reasons(out)
+
+
+def test_escpos_idle_ends_a_payload_skip() -> None:
+    """A silence inside a declared payload ends it: a real one streams without a pause."""
+    f = EscPosFramer()
+    out = f.feed(b"\x1d(L\xff\x7f0p")  # GS ( L declaring 32767 bytes, then silence
+    out += f.idle()
+    out += f.feed(b"next\n\x1dV\x00")
+    assert texts(out) == ["next"]
+    assert reasons(out) == ["command"]
+
+
+def test_escpos_esc_init_inside_a_real_image_does_not_cut_it_short() -> None:
+    """Raster and GS ( L image data that contains ESC @ (and text-like bytes) is skipped as
+    declared: a probe started at such an ESC @ meets a bad command or the payload's end
+    before any cut. (Only image bytes spelling ESC @, text and a cut would fool it.)"""
+    row = b"\x1b@FAKE LINE\n" + bytes(range(256)) + b"\x1b@FAKE"
+    p = _printer()
+    receipt_job(p, register="till-1", receipt_no="7", items=[Item("TEA", "4006381333931", 1, 100)], cut=False)
+    raster = b"\x1dv0\x00" + len(row).to_bytes(2, "little") + (40).to_bytes(2, "little") + row * 40
+    graphics = b"\x1d(L" + (len(row) + 2).to_bytes(2, "little") + b"0p" + row
+    data = p.output + raster + graphics + b"\x1dVA\x00"
+    for chunks in ([data], bytewise(data)):
+        out = feed_all(EscPosFramer(), chunks)
+        assert reasons(out) == []
+        (text,) = texts(out)
+        assert "FAKE" not in text
+        assert text.endswith("Thank you for shopping with us!")
+
+
 def test_escpos_raster_payload_is_skipped_without_buffering() -> None:
     """GS v 0 with a 100x200 image: 20000 payload bytes, none of them become text."""
     payload = bytes(range(256)) * 78 + bytes(32)
@@ -286,7 +360,10 @@ def test_framers_never_raise_stay_bounded_and_ignore_chunking(data: bytes, cuts:
     for whole, split in zip(_framers(), _framers(), strict=True):
         expected = whole.feed(data) + whole.idle()
         got: list[Output] = []
-        bound = 2 * MAX + 1 if isinstance(split, LinesFramer) else MAX + 16  # receipt + line | + header
+        # lines: receipt + line; ESC/POS: receipt + a probe's receipt (noise payload) + headers
+        bound = 2 * MAX + 1 if isinstance(split, LinesFramer) else MAX + 16
+        if isinstance(split, EscPosFramer):
+            bound = 2 * MAX + 32
         for c in chunks:
             got += split.feed(c)
             assert split.buffered <= bound

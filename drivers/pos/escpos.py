@@ -6,9 +6,26 @@ encoding); LF, FF and the print-and-feed commands end a line; every other comman
 skipped with its parameters and payload: raster images (GS v 0), bit images (ESC *, GS *),
 graphics and 2D codes (GS ( ..., GS 8 L, ESC ( ..., FS ( ...), barcodes (GS k), drawer
 kicks, real-time requests (DLE ...). A paper cut (GS V, ESC i, ESC m) ends the receipt.
-An unknown command skips its selector byte and is counted; a declared payload longer than
-1 MiB is treated as garbage. Only the receipt so far (at most `max_frame`) and a few bytes
-of an unfinished command header are held; payloads are skipped as they stream by.
+An unknown command, or a payload command with an implausible header (GS v not followed by
+`0` and a valid mode, ESC * with a bad mode, GS ( / ESC ( / FS ( without a function
+letter, GS 8 not followed by L), skips its selector byte and is counted.
+
+Line noise can look like a command declaring a long payload, and skipping it would swallow
+the receipts after it. So a payload skip
+- is capped at `max(max_frame, 64 KiB)` (counted `oversize`): payloads are never held, so
+  an image may be larger than the text bound, but a logo is ~20 KiB;
+- ends at idle() (a real payload streams without a pause);
+- is probed at every ESC @ (initialize) inside it: a second framer parses from there, and
+  if it reaches a paper cut with a non-blank receipt and without meeting any problem, the
+  payload was noise (counted `command`): the probe's state and receipt are taken over and
+  the partial receipt before the noise is dropped (counted `truncated`). Image data that
+  happens to contain ESC @ makes the probe meet a problem or reach the payload's end
+  first, and the payload is skipped as declared.
+Noise text is not a receipt: a "receipt" holding many stray control bytes or bad commands
+and mostly non-ASCII text (see `_Junk`) is counted `noise` when a cut-like byte pair ends
+it or an ESC @ follows it (the next real receipt then starts clean).
+Only the receipt so far (at most `max_frame`, twice while probing) and a few bytes of an
+unfinished command header are held; payloads are skipped as they stream by.
 """
 
 from __future__ import annotations
@@ -20,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from drivers.pos.frames import (
+    CR,
     DLE,
     ENQ,
     EOT,
@@ -32,6 +50,7 @@ from drivers.pos.frames import (
     Output,
     Problem,
     ReceiptLines,
+    TextFrame,
     decode,
 )
 
@@ -68,7 +87,7 @@ _FIXED = {
     (DLE, EOT): 1,
     (DLE, ENQ): 1,
 }
-_MAX_SKIP = 1024 * 1024  # a declared payload longer than this (logos are ~20 KiB) is garbage: resync
+_MIN_SKIP_CAP = 64 * 1024  # payload skips are capped at max(max_frame, this); logos are ~20 KiB
 _MAX_NUL_RUN = 256  # NUL-terminated parameters (barcode data, tab stops) are short
 
 CmdKind = Literal["none", "cut", "init", "feed", "codepage", "unknown"]
@@ -96,16 +115,26 @@ def _u16(buf: Buf, at: int) -> int:
     return buf[at] + 256 * buf[at + 1]
 
 
+_UNKNOWN = _Cmd(2, kind="unknown")  # an implausible header: skip the selector, resync after
+_RASTER_MODES = frozenset((0, 1, 2, 3, 48, 49, 50, 51))
+
+
 def _prefixed(buf: Buf, i: int) -> _Cmd | None:
-    """ESC|GS|FS ( fn pL pH <p bytes>: 2D codes, graphics, settings."""
-    return None if len(buf) - i < 5 else _Cmd(5, skip=_u16(buf, i + 3))
+    """ESC|GS|FS ( fn pL pH <p bytes>: 2D codes, graphics, settings (fn is a letter)."""
+    if len(buf) - i < 5:
+        return None
+    fn = buf[i + 2] | 0x20  # lower-cased
+    return _Cmd(5, skip=_u16(buf, i + 3)) if 0x61 <= fn <= 0x7A else _UNKNOWN
 
 
 def _bit_image(buf: Buf, i: int) -> _Cmd | None:
-    """ESC * m nL nH d1..dk: k = n columns of 1 (8-dot) or 3 (24-dot) bytes."""
+    """ESC * m nL nH d1..dk: k = n columns of 1 (8-dot, m 0|1) or 3 (24-dot, m 32|33) bytes."""
     if len(buf) - i < 5:
         return None
-    return _Cmd(5, skip=_u16(buf, i + 3) * (1 if buf[i + 2] in (0, 1) else 3))
+    m = buf[i + 2]
+    if m not in (0, 1, 32, 33):
+        return _UNKNOWN
+    return _Cmd(5, skip=_u16(buf, i + 3) * (1 if m < 32 else 3))
 
 
 def _codepage(buf: Buf, i: int) -> _Cmd | None:
@@ -122,7 +151,11 @@ def _cut(buf: Buf, i: int) -> _Cmd | None:
 
 def _raster(buf: Buf, i: int) -> _Cmd | None:
     """GS v 0 m xL xH yL yH d1..dk: k = x bytes * y dots."""
-    return None if len(buf) - i < 8 else _Cmd(8, skip=_u16(buf, i + 4) * _u16(buf, i + 6))
+    if len(buf) - i < 8:
+        return None
+    if buf[i + 2] != ord("0") or buf[i + 3] not in _RASTER_MODES:
+        return _UNKNOWN
+    return _Cmd(8, skip=_u16(buf, i + 4) * _u16(buf, i + 6))
 
 
 def _barcode(buf: Buf, i: int) -> _Cmd | None:
@@ -138,6 +171,8 @@ def _graphics32(buf: Buf, i: int) -> _Cmd | None:
     """GS 8 L p1 p2 p3 p4 ...: large graphics with a 32-bit length."""
     if len(buf) - i < 7:
         return None
+    if buf[i + 2] != ord("L"):
+        return _UNKNOWN
     return _Cmd(7, skip=int.from_bytes(buf[i + 3 : i + 7], "little"))
 
 
@@ -192,6 +227,25 @@ def _command(buf: Buf, i: int) -> _Cmd | None:
     return None if len(buf) - i < 2 + k else _Cmd(2 + k, kind=_KINDS.get(key, "none"))
 
 
+@dataclass(slots=True)
+class _Junk:
+    """Signs of line noise in the current receipt: stray control bytes, bad commands and
+    undecodable text (`bad`) and the share of text bytes above ASCII."""
+
+    bad: int = 0
+    text: int = 0
+    high: int = 0
+
+    def noise(self) -> bool:
+        """Random bytes hold a stray control byte or a bad command every ~10 bytes and are
+        half above ASCII; a real receipt has none (or a few unsupported commands) and is
+        mostly ASCII (digits, prices, spaces, even in Cyrillic)."""
+        return self.bad >= 4 and self.bad * 64 >= self.text and self.high * 4 > self.text
+
+
+_LOW = bytes(range(128))
+
+
 class EscPosFramer:
     """Receipt text from an ESC/POS printer stream (see the module docstring)."""
 
@@ -199,22 +253,34 @@ class EscPosFramer:
         self._default = codecs.lookup(encoding).name
         self._encoding = self._default
         self._max = max_frame
+        self._max_skip = max(max_frame, _MIN_SKIP_CAP)
         self._receipt = ReceiptLines(max_frame)
         self._parts: list[str] = []  # decoded pieces of the current line
         self._seg = bytearray()  # undecoded bytes of the current line (current code page)
         self._line_size = 0
         self._pending = bytearray()  # an unfinished command header (a few bytes)
         self._skip = 0
+        self._skipped = 0  # bytes of the current payload skipped so far
         self._until_nul = 0  # > 0: bytes still allowed before the NUL
+        self._junk = _Junk()
+        self._probes = True  # False in a probe: probes do not probe
+        self._probe: EscPosFramer | None = None  # parsing from an ESC @ inside the payload
+        self._esc_last = False  # the last payload byte searched for ESC @ was ESC
 
     def feed(self, data: bytes) -> list[Output]:
         outs: list[Output] = []
+        self._scan(data, outs, stop=False)
+        return outs
+
+    def _scan(self, data: Buf, outs: list[Output], *, stop: bool) -> int:
+        """Parse `data`; with `stop`, only up to the first output. Bytes of data consumed."""
         buf: Buf = data
-        if self._pending:
+        held = len(self._pending)
+        if held:
             buf = self._pending + data
             self._pending = bytearray()
         i, n = 0, len(buf)
-        while i < n:
+        while i < n and not (stop and outs):
             if self._skip or self._until_nul:
                 i = self._payload(buf, i, outs)
                 continue
@@ -234,20 +300,29 @@ class EscPosFramer:
                 cmd = _command(buf, i)
                 if cmd is None:  # the rest is an unfinished command header (< 10 bytes)
                     self._pending = bytearray(buf[i:])
-                    break
+                    return len(data)
                 i += cmd.length
                 self._apply(cmd, outs)
             else:  # CR, NUL, CAN, other C0 controls: nothing to print
+                if b and b != CR:  # a stray control byte: a sign of line noise (padding is NUL)
+                    self._junk.bad += 1
                 i += 1
-        return outs
+        return max(0, i - held)
 
     def _payload(self, buf: Buf, i: int, outs: list[Output]) -> int:
         """Skip a command's payload (counted, or up to its NUL); the index after it."""
         n = len(buf)
         if self._skip:
-            take = min(self._skip, n - i)
-            self._skip -= take
-            return i + take
+            end = i + min(self._skip, n - i)
+            resume = self._probe_skipped(buf, i, end, outs) if self._probes else None
+            if resume is not None:  # the payload was noise: the probe's state is ours now
+                return resume
+            self._skip -= end - i
+            self._skipped += end - i
+            if not self._skip:  # the payload was real: forget any probe
+                self._probe = None
+                self._esc_last = False
+            return end
         j = buf.find(b"\x00", i, i + self._until_nul)
         if j >= 0:
             self._until_nul = 0
@@ -255,31 +330,100 @@ class EscPosFramer:
         used = min(self._until_nul, n - i)
         self._until_nul -= used
         if not self._until_nul:  # no NUL where one must be: resync here
-            outs.append(Problem("command", _MAX_NUL_RUN))
+            self._bad_input(outs, Problem("command", _MAX_NUL_RUN))
         return i + used
 
+    def _probe_skipped(self, buf: Buf, i: int, end: int, outs: list[Output]) -> int | None:
+        """Probe buf[i:end] (payload bytes) from each ESC @ in it; the index to resume at
+        if a probe proved the payload to be noise, else None."""
+        start = i
+        while start < end:
+            lead = b""
+            if self._probe is None:
+                if self._esc_last and buf[start] == ord("@"):
+                    at, lead = start, b"\x1b"
+                else:
+                    j = buf.find(b"\x1b@", start, end)
+                    if j < 0:
+                        self._esc_last = buf[end - 1] == ESC
+                        return None
+                    at = j
+                self._esc_last = False
+                self._probe = EscPosFramer(encoding=self._default, max_frame=self._max)
+                self._probe._probes = False
+            else:
+                at = start
+            probe_outs: list[Output] = []
+            used = self._probe._scan(lead + bytes(buf[at:end]), probe_outs, stop=True)
+            if not probe_outs:  # clean so far: wait for more
+                return None
+            probe, self._probe = self._probe, None
+            stop = at + used - len(lead)
+            clean = not any(isinstance(o, Problem) for o in probe_outs)
+            if not (clean and any(isinstance(o, TextFrame) for o in probe_outs)):
+                start = max(stop, at + 1)  # not a clean ESC/POS stream: search on after it
+                continue
+            self._skipped += stop - i
+            self._adopt(probe, outs)
+            outs += probe_outs
+            return stop
+        return None
+
+    def _adopt(self, probe: EscPosFramer, outs: list[Output]) -> None:
+        """The payload being skipped was noise: continue as `probe` (which parsed from an
+        ESC @ inside it), dropping the partial receipt from before the noise."""
+        outs.append(Problem("command", self._skipped))
+        lost = self._receipt.discard() + len(self._seg) + sum(len(p) for p in self._parts)
+        if lost:
+            outs.append(Problem("truncated", lost))
+        self._encoding, self._receipt = probe._encoding, probe._receipt
+        self._parts, self._seg, self._line_size = probe._parts, probe._seg, probe._line_size
+        self._pending, self._skip, self._until_nul = probe._pending, probe._skip, probe._until_nul
+        self._skipped, self._junk, self._esc_last = probe._skipped, probe._junk, False
+
     def _apply(self, cmd: _Cmd, outs: list[Output]) -> None:
-        if cmd.skip > _MAX_SKIP:
-            outs.append(Problem("command", 0))
-        else:
-            self._skip = cmd.skip
+        if cmd.skip > self._max_skip:
+            self._bad_input(outs, Problem("oversize", cmd.skip))
+        self._skip = min(cmd.skip, self._max_skip)
+        self._skipped = 0
         if cmd.until_nul:
             self._until_nul = _MAX_NUL_RUN
         if cmd.kind == "cut":
             self._newline(outs)
-            done = self._receipt.end()
-            if done is not None:
-                outs.append(done)
+            self._close(outs)
         elif cmd.kind == "feed":
             self._newline(outs)
         elif cmd.kind == "codepage":
             self._flush_seg(outs)
             self._encoding = CODE_PAGES.get(cmd.arg, self._default)
         elif cmd.kind == "init":
+            self._drop_noise(outs)
             self._flush_seg(outs)
             self._encoding = self._default
         elif cmd.kind == "unknown":
-            outs.append(Problem("command", cmd.length))
+            self._bad_input(outs, Problem("command", cmd.length))
+
+    def _bad_input(self, outs: list[Output], problem: Problem) -> None:
+        self._junk.bad += 1
+        outs.append(problem)
+
+    def _close(self, outs: list[Output]) -> None:
+        """End the receipt: its text, unless it is line noise (counted `noise`)."""
+        done = self._receipt.end()
+        junk, self._junk = self._junk, _Junk()
+        if isinstance(done, TextFrame) and junk.noise():
+            outs.append(Problem("noise", len(done.text)))
+        elif done is not None:
+            outs.append(done)
+
+    def _drop_noise(self, outs: list[Output]) -> None:
+        """ESC @ after line noise: the receipt so far is noise (a real one ends in a cut)."""
+        if self._junk.noise():
+            self._seg.clear()
+            self._parts.clear()
+            self._line_size = 0
+            outs.append(Problem("noise", self._receipt.discard() + self._junk.text))
+            self._junk = _Junk()
 
     def _text(self, chunk: bytes | bytearray) -> None:
         if self._line_size + len(chunk) > self._max:  # one line longer than a whole receipt
@@ -290,12 +434,14 @@ class EscPosFramer:
             return
         self._seg += chunk
         self._line_size += len(chunk)
+        self._junk.text += len(chunk)
+        self._junk.high += len(chunk.translate(None, _LOW))  # the bytes above ASCII
 
     def _flush_seg(self, outs: list[Output]) -> None:
         if self._seg:
             text, ok = decode(bytes(self._seg), self._encoding)
             if not ok:
-                outs.append(Problem("decode", len(self._seg)))
+                self._bad_input(outs, Problem("decode", len(self._seg)))
             self._parts.append(text)
             self._seg.clear()
 
@@ -307,13 +453,19 @@ class EscPosFramer:
         self._receipt.add(line)
 
     def idle(self) -> list[Output]:
-        """Only for printers without a cutter (the backend calls it when a gap is set)."""
+        """The line went quiet: a payload being skipped was noise (a real one streams without
+        a pause), and the receipt so far ends (for printers without a cutter)."""
         outs: list[Output] = []
+        if self._probe is not None:  # clean since an ESC @ inside the payload: continue as the probe
+            probe, self._probe = self._probe, None
+            self._adopt(probe, outs)
+        if self._skip or self._until_nul:
+            outs.append(Problem("command", self._skipped))
+            self._skip = self._until_nul = 0
+        self._esc_last = False
         if self._seg or self._parts:
             self._newline(outs)
-        done = self._receipt.end()
-        if done is not None:
-            outs.append(done)
+        self._close(outs)
         return outs
 
     def reset(self) -> list[Output]:
@@ -322,11 +474,14 @@ class EscPosFramer:
         self._parts.clear()
         self._line_size = 0
         self._pending.clear()
-        self._skip = 0
-        self._until_nul = 0
+        self._skip = self._skipped = self._until_nul = 0
+        self._junk = _Junk()
+        self._probe = None
+        self._esc_last = False
         self._encoding = self._default
         return [Problem("truncated", n)] if n else []
 
     @property
     def buffered(self) -> int:
-        return self._receipt.size + len(self._seg) + sum(len(p) for p in self._parts) + len(self._pending)
+        probe = self._probe.buffered if self._probe is not None else 0
+        return self._receipt.size + len(self._seg) + sum(len(p) for p in self._parts) + len(self._pending) + probe

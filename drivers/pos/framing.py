@@ -5,8 +5,9 @@ returns what those bytes completed: receipt texts (`TextFrame`), JSON objects
 (`JsonFrame`), bytes to answer on the line (`Reply`: ACK/NAK) and the problems it met
 (`Problem`: counted and logged by the backend, never with content). It never raises on
 input and never holds more than `max_frame` of a message (lines: the receipt so far plus
-the line being received, each at most `max_frame`) plus a few bytes of an unfinished
-command, however long, fast or malformed the stream is.
+the line being received, each at most `max_frame`; ESC/POS: twice while probing a
+suspect payload) plus a few bytes of an unfinished command, however long, fast or
+malformed the stream is.
 
 - `LinesFramer`   text lines (`terminator`, `encoding`) grouped into receipts: a receipt
                   ends at a form feed, at a line matching `receipt_end`, or at `idle()`
@@ -17,7 +18,10 @@ command, however long, fast or malformed the stream is.
 - `EscPosFramer`  the tap between a POS and its ESC/POS receipt printer: printable text
                   is kept, commands are skipped with their parameters (raster images
                   GS v 0, GS ( ..., barcodes GS k, ...), code pages follow ESC t, and a
-                  paper cut (GS V, ESC i, ESC m) ends the receipt.
+                  paper cut (GS V, ESC i, ESC m) ends the receipt. Noise that declares a
+                  payload cannot swallow later receipts: the skip is capped, ends at
+                  idle(), and a clean receipt from an ESC @ inside it ends it; noise
+                  text is counted `noise`, never a receipt.
 - `JsonLinesFramer` one JSON object per line (UTF-8).
 
 Text from every framer is free of control characters except newlines and tabs.
