@@ -15,6 +15,7 @@ import msgpack
 import pytest
 
 from edge.buffer import Buffer, StoredEvent
+from edge.buffer.bounds import Mark, Marks
 from edge.buffer.schema import SCHEMA_VERSION
 from edge.clock import FakeClock
 from edge.config import Config
@@ -354,6 +355,7 @@ async def test_retention_only_with_synchronized_clock(tmp_path: Path, clock: Fak
     """Old events go by capture time, but never while the clock is unsynchronized, and an
     event from the future is never old."""
     cfg = make_cfg(tmp_path, retention={"ble": "1d", "pos": "30d", "nfc": "1d", "edge": "7d"})
+    clock.wall = NOW - DAY_MS  # a day before NOW: retention only deletes what was stored a day ago
     buf = await Buffer.open(cfg, clock)
     await put_all(
         buf,
@@ -370,6 +372,8 @@ async def test_retention_only_with_synchronized_clock(tmp_path: Path, clock: Fak
     assert len(await all_events(buf)) == 5
 
     clock.sync = True
+    assert await buf.enforce_retention() == 0  # synced, but nothing was stored a day ago yet
+    clock.advance(86400)  # now NOW
     assert await buf.enforce_retention() == 2
     events = await all_events(buf)
     assert [e["id"] for e in events] == [3, 4, 5, 6]
@@ -385,7 +389,8 @@ async def test_retention_runs_periodically(tmp_path: Path, clock: FakeClock) -> 
     cfg = make_cfg(tmp_path, retention={"ble": "1d", "pos": "30d", "nfc": "1d", "edge": "7d"})
     buf = await Buffer.open(cfg, clock, retention_every=60.0)
     await put_all(buf, [ev("ble", 1, ts=NOW - 2 * DAY_MS)])
-    clock.advance(61)
+    assert await buf.enforce_retention() == 0  # a run that notes event 1 as stored; a day later it may go
+    clock.advance(86400 + 61)
     await put_all(buf, [ev("ble", 2)])  # wakes the writer, which finds retention due
     events = await all_events(buf)
     assert [e["id"] for e in events if e["src"] == "ble"] == [3]
@@ -393,6 +398,50 @@ async def test_retention_runs_periodically(tmp_path: Path, clock: FakeClock) -> 
         {"source": "ble", "count": 1, "reason": "retention", "first_id": 1, "last_id": 1}
     ]
     await buf.close()
+
+
+async def test_retention_marks_survive_a_restart(tmp_path: Path, clock: FakeClock) -> None:
+    """What a retention run noted as stored is still known after a reopen: a day later (by the
+    monotonic clock of the same boot) the old event goes, an event stored after the note stays."""
+    cfg = make_cfg(tmp_path, retention={"ble": "1d", "pos": "30d", "nfc": "1d", "edge": "7d"})
+    buf = await Buffer.open(cfg, clock)
+    await put_all(buf, [ev("ble", 1, ts=NOW - 2 * DAY_MS)])
+    assert await buf.enforce_retention() == 0
+    await put_all(buf, [ev("ble", 2, ts=NOW - 2 * DAY_MS)])  # stored after the run: not yet a day
+    await buf.close()
+    clock.advance(86400)
+    buf = await Buffer.open(cfg, clock)
+    assert await buf.enforce_retention() == 1
+    assert [e["id"] for e in await all_events(buf) if e["src"] == "ble"] == [2]
+    await buf.close()
+
+
+def test_retention_marks_are_bounded_and_keep_deletion_close_to_the_configured_age() -> None:
+    """Hourly runs for 90 days keep at most 128 marks, and the newest mark at least 7, 14 or
+    30 days old is less than 10% older than that (deletion lags the retention by < 10%)."""
+    boot, hour = "b", 3_600_000
+    marks: list[Mark] = []
+    for h in range(90 * 24):
+        cur = Marks(tuple(marks), boot, h * hour, NOW + h * hour)
+        marks = cur.add(h, keep_ms=30 * DAY_MS)
+    assert len(marks) <= 128
+    cur = Marks(tuple(marks), boot, 90 * 24 * hour, NOW + 90 * 24 * hour)
+    for days in (7, 14, 30):
+        got = [m for m in marks if m.max_id == cur.upto(days * DAY_MS)]
+        assert len(got) == 1
+        assert days * DAY_MS <= cur.age(got[0]) < days * DAY_MS * 1.1
+
+
+def test_a_mark_of_this_boot_ages_by_the_monotonic_clock_one_of_an_earlier_boot_by_the_wall() -> None:
+    """Same boot: the monotonic clock decides (a wall step changes nothing); earlier boot: the
+    synchronized wall clock; a mark that looks to be from the future is never old."""
+    week = 7 * DAY_MS
+    this = Mark("b", 1_000, NOW, 5)
+    assert Marks((this,), "b", 1_000 + 60_000, NOW + 365 * DAY_MS).upto(week) == 0
+    assert Marks((this,), "b", 1_000 + week, NOW + 60_000).upto(week) == 5
+    assert Marks((this,), "other", 0, NOW + week).upto(week) == 5
+    assert Marks((this,), "other", 0, NOW + week - 1).upto(week) == 0
+    assert Marks((this,), "b", 0, NOW + week).upto(week) == 0
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -174,8 +174,6 @@ async def test_retention_pauses_while_the_clock_is_unsynchronized(tmp_path: Path
         await buf.close()
 
 
-@pytest.mark.xfail(strict=True, reason="retention compares capture ts with the wall clock only; events "
-                   "stamped while the clock was wrong are deleted as soon as it syncs (see report)")
 async def test_events_stamped_while_the_clock_was_wrong_are_not_deleted_when_it_syncs(tmp_path: Path) -> None:
     """A Pi boots at 1970 (no RTC), captures for a minute, then NTP steps the clock to 2026:
     those events are a minute old, not 56 years, and must survive the next retention run."""
@@ -194,8 +192,6 @@ async def test_events_stamped_while_the_clock_was_wrong_are_not_deleted_when_it_
         await buf.close()
 
 
-@pytest.mark.xfail(strict=True, reason="retention trusts a synchronized wall clock even when it jumps "
-                   "ahead of the monotonic clock (see report)")
 async def test_a_clock_step_forward_does_not_expire_fresh_events(tmp_path: Path) -> None:
     """Events captured a minute ago; a bad NTP source steps the clock a year ahead while still
     reporting sync. One minute of real time is not seven days of retention."""

@@ -8,14 +8,24 @@ lower priority, else rejected. A full disk always drops oldest lowest-priority f
 
 Every drop is counted per (source, reason) and stays "pending" until an `edge.dropped`
 event reporting it is committed: one per (source, reason) per commit, with the id range.
+
+Retention never trusts the wall clock alone (a Pi without RTC boots at 1970 or at its last
+saved time; a bad NTP source can step it ahead). Each synchronized retention run records a
+mark (boot id, monotonic ms, wall ms, highest committed id) in meta `retention_marks`. An event
+is old only if its capture ts is older than the retention AND it was committed before a mark
+that is itself at least that old: by monotonic time for marks of this boot, by (synchronized)
+wall time for marks of earlier boots. Marks are thinned to geometric spacing, so deletion lags
+the configured age by at most a few percent of it; with no mark old enough nothing goes for age.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import aiosqlite
@@ -303,23 +313,26 @@ class Bounds:
         )
         return n, size
 
-    async def expire(self, tx: Tx, retention: Mapping[Any, float]) -> int:
-        """Delete events older than their source's retention (by capture time, seconds);
-        the caller has checked the clock is synchronized. Returns how many."""
+    async def expire(self, tx: Tx, retention: Mapping[Any, float], upto: Callable[[int], int]) -> int:
+        """Delete events older than their source's retention (by capture time, seconds) among
+        those with id <= `upto(age_ms)` (committed at least that long ago, see Marks); the
+        caller has checked the clock is synchronized. Returns how many."""
         deleted = 0
         for src, age in retention.items():
             rank = self._rank[src]
-            if not tx.level.events[rank]:
+            age_ms = int(age * 1000)
+            top = upto(age_ms)
+            if not tx.level.events[rank] or top < 1:
                 continue
-            args = (rank, tx.now - int(age * 1000))  # a future capture time is never older
+            args = (rank, tx.now - age_ms, top)  # a future capture time is never older
             got = await self._db.execute_fetchall(
                 "SELECT count(*), coalesce(sum(size), 0), min(id), max(id) FROM events"
-                " WHERE prio = ? AND ts < ?",
+                " WHERE prio = ? AND ts < ? AND id <= ?",
                 args,
             )
             n, size, first, last = next(iter(got))
             if n:
-                await self._db.execute("DELETE FROM events WHERE prio = ? AND ts < ?", args)
+                await self._db.execute("DELETE FROM events WHERE prio = ? AND ts < ? AND id <= ?", args)
                 tx.level.events[rank] -= n
                 tx.level.bytes[rank] -= size
                 tx.drop(src, "retention", n, first, last)
@@ -334,3 +347,92 @@ class Bounds:
 
 def _drop_cols(d: Drop) -> tuple[int, int, int | None, int | None, int | None]:
     return d.total, d.pending, d.first, d.last, d.last_ms
+
+
+# ---------------------------------------------------------------------------- retention marks
+
+MARKS_KEY = "retention_marks"
+MAX_MARKS = 128  # one a minute over 30 days thins to ~9% spacing
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str:
+    """This boot's id; unreadable -> a random one, so only this open's marks use monotonic time."""
+    try:
+        return _BOOT_ID.read_text().strip() or secrets.token_hex(16)
+    except OSError:
+        return secrets.token_hex(16)
+
+
+@dataclass(slots=True, frozen=True)
+class Mark:
+    """At monotonic `mono_ms` of boot `boot` (wall `wall_ms`, synchronized), ids <= `max_id`
+    were committed."""
+
+    boot: str
+    mono_ms: int
+    wall_ms: int
+    max_id: int
+
+
+@dataclass(slots=True, frozen=True)
+class Marks:
+    """The recorded marks (oldest first) as seen at one retention run."""
+
+    marks: tuple[Mark, ...]
+    boot: str
+    mono_ms: int
+    wall_ms: int
+
+    def age(self, m: Mark) -> int:
+        """How long ago `m` was recorded, ms: never more than truly elapsed on this boot."""
+        return self.mono_ms - m.mono_ms if m.boot == self.boot else self.wall_ms - m.wall_ms
+
+    def upto(self, age_ms: int) -> int:
+        """Highest id committed at least `age_ms` ago (0: none known)."""
+        for m in reversed(self.marks):
+            if self.age(m) >= age_ms:
+                return m.max_id
+        return 0
+
+    def add(self, max_id: int, keep_ms: int, n: int = MAX_MARKS) -> list[Mark]:
+        """The marks to store after this run: plus the new one, without those older than the
+        newest one at least `keep_ms` old, thinned to `n` by geometric spacing."""
+        out = [*self.marks, Mark(self.boot, self.mono_ms, self.wall_ms, max_id)]
+        ages = [self.age(m) for m in out]
+        old = [i for i, a in enumerate(ages) if a >= keep_ms]
+        if old:
+            out, ages = out[old[-1] :], ages[old[-1] :]
+        while len(out) > max(n, 2):
+            # drop the interior mark whose removal opens the smallest gap relative to its age
+            i = min(range(1, len(out) - 1), key=lambda k: (ages[k - 1] - ages[k + 1]) / max(ages[k + 1], 1))
+            del out[i], ages[i]
+        return out
+
+
+async def load_marks(db: aiosqlite.Connection, boot: str, mono_ms: int, wall_ms: int) -> Marks:
+    """The stored marks; anything unreadable counts as no mark (nothing is deleted for age)."""
+    got = list(await db.execute_fetchall("SELECT v FROM meta WHERE k = ?", (MARKS_KEY,)))
+    return Marks(_parse_marks(got[0][0] if got else None), boot, mono_ms, wall_ms)
+
+
+async def save_marks(db: aiosqlite.Connection, marks: Sequence[Mark]) -> None:
+    doc = json.dumps([[m.boot, m.mono_ms, m.wall_ms, m.max_id] for m in marks], separators=(",", ":"))
+    await db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (MARKS_KEY, doc))
+
+
+def _parse_marks(raw: object) -> tuple[Mark, ...]:
+    try:
+        doc = json.loads(raw) if isinstance(raw, str) else []
+    except ValueError:
+        return ()
+    out: list[Mark] = []
+    for it in doc if isinstance(doc, list) else []:
+        if (
+            isinstance(it, list)
+            and len(it) == 4
+            and isinstance(it[0], str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in it[1:])
+        ):
+            out.append(Mark(it[0], it[1], it[2], it[3]))
+    return tuple(out)

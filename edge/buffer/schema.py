@@ -2,6 +2,9 @@
 
 Version history (append only; a migration is never edited once released):
   v1  meta, events (+ index by priority), batches, drops.
+Meta keys added without a version bump (absent = default): `priorities`, `last_ack_ms`,
+`retention_marks` (JSON [[boot id, monotonic ms, wall ms, max id], ...], bounds.py; absent or
+unreadable = no marks, which only delays retention).
 
 `events.body` is exactly the wire Event map as MessagePack (str as str, bytes as bin), so the
 uplink concatenates bodies behind an array header without re-encoding. `size` is

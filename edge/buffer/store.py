@@ -40,7 +40,19 @@ import structlog
 
 from edge.buffer import batches
 from edge.buffer.batches import Build
-from edge.buffer.bounds import INSERT_JSON, Bounds, Drop, Level, Meta, Row, Tx, insert_params
+from edge.buffer.bounds import (
+    INSERT_JSON,
+    Bounds,
+    Drop,
+    Level,
+    Meta,
+    Row,
+    Tx,
+    boot_id,
+    insert_params,
+    load_marks,
+    save_marks,
+)
 from edge.buffer.packing import MAP5_ID, ColumnInsert, EventPacker, Item
 from edge.buffer.salvage import OpenReport, prepare
 from edge.buffer.schema import SealedBatch, StoredEvent, ranks
@@ -111,6 +123,7 @@ class Buffer:
         self._last_batch_bytes = 0
         self._retention_every = retention_every
         self._next_retention = clock.monotonic() + retention_every
+        self._boot = boot_id()
         self._next_id = 1
         self._level = Level([0] * len(self._rank), [0] * len(self._rank))
         self._drops: dict[tuple[str, str], Drop] = {}
@@ -545,7 +558,9 @@ class Buffer:
 
     async def enforce_retention(self) -> int:
         """Delete events older than their source's retention, by capture time, only while
-        the clock is synchronized; an event from the future is never old. Returns how many."""
+        the clock is synchronized; an event from the future is never old, nor one committed
+        less than its retention ago by the monotonic clock (retention marks, bounds.py), so
+        the first runs after a fresh database delete nothing for age. Returns how many."""
         if not self._clock.synchronized():
             return 0
         return await self._locked(self._retention)
@@ -555,7 +570,8 @@ class Buffer:
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
-            deleted = await self._bounds.expire(tx, self._cfg.retention)
+            marks = await load_marks(db, self._boot, int(self._clock.monotonic() * 1000), tx.now)
+            deleted = await self._bounds.expire(tx, self._cfg.retention, marks.upto)
             reports, keys = self._bounds.reports(tx, self._next_id) if deleted else ([], [])
             tx.reported(keys)
             tx.level.add(reports)
@@ -564,6 +580,8 @@ class Buffer:
             await self._bounds.write_drops(tx)
             next_id = self._next_id + len(reports)
             await self._write_next_id(next_id)
+            keep_ms = int(max(self._cfg.retention.values(), default=0) * 1000)
+            await save_marks(db, marks.add(next_id - 1, keep_ms))
             await db.execute("COMMIT")
         except BaseException:
             await batches.rollback(db)
