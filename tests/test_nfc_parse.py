@@ -215,6 +215,29 @@ def test_fuzz_ndef_mutated_messages_raise_only_ndef_error(base: bytes, flips: li
         r.summary()
 
 
+def test_type_names_that_could_carry_a_number_of_a_person_are_not_summarized() -> None:
+    """Whoever wrote the tag chose its type names: one holding a phone number, e-mail or a
+    long digit run is reported as "?" (the shape stays, the content never reaches data)."""
+    records = parse_ndef(
+        msg(
+            ndef.Record("urn:nfc:ext:club.example:member-0612345678", None, b"\x01"),
+            ndef.Record("application/x-member-4711000042", None, b"\x01"),
+        )
+    )
+    assert [r.summary() for r in records] == [
+        {"type": "external", "name": "?", "bytes": 1},
+        {"type": "mime", "mime": "?", "bytes": 1},
+    ]
+
+
+def test_an_identifier_shaped_serial_or_batch_stays_off_the_tap() -> None:
+    """A Digital Link's serial is free-form: a phone number written there is left out."""
+    c = classify([NfcRule(name="p", kind="product", gs1_digital_link=True)],
+                 ndef.UriRecord("https://id.example/01/09506000134352/10/LOT7/21/+4915112345678"))
+    assert c.kind == "product"
+    assert c.data == {"gtin": "09506000134352", "batch": "LOT7"}
+
+
 # -- rules --------------------------------------------------------------------------------
 
 

@@ -14,7 +14,14 @@ from edge.clock import FakeClock
 from edge.config import ClassPolicy, Privacy
 from edge.privacy.keys import KeyStore
 from edge.privacy.pseudonym import Pseudonymizer
-from edge.privacy.scrub import IDENTIFIER_PATTERNS, luhn_ok, redact_identifiers, scrub_cards, scrub_text
+from edge.privacy.scrub import (
+    IDENTIFIER_PATTERNS,
+    looks_personal,
+    luhn_ok,
+    redact_identifiers,
+    scrub_cards,
+    scrub_text,
+)
 
 # Luhn-valid test card numbers (issuers' published test numbers and constructed ones)
 CARDS = {
@@ -272,3 +279,24 @@ def pz_fuzz(tmp_path_factory: pytest.TempPathFactory) -> Pseudonymizer:
     keys = KeyStore(tmp_path_factory.mktemp("scrubkeys") / "keys", FakeClock())
     keys.init()
     return Pseudonymizer(Privacy(), keys, None)
+
+
+def test_bluez_object_paths_lose_the_address_in_logs() -> None:
+    """bleak and dbus-fast name devices by D-Bus path: dev_ plus the address with underscores."""
+    assert redact_identifiers("/org/bluez/hci0/dev_D4_21_8B_70_F3_5C") == "/org/bluez/hci0/dev_[redacted:mac]"
+
+
+@pytest.mark.parametrize(
+    ("value", "personal"),
+    [
+        ("+49 30 1234567", True),
+        ("jane@example.org", True),
+        ("4111 1111 1111 1111", True),
+        ("dev_D4_21_8B_70_F3_5C", True),
+        ("4006381333931", False),  # a GTIN (Luhn-invalid, not a phone shape)
+        ("LOT-2026-11", False),
+        ("SKU-99812", False),
+    ],
+)
+def test_looks_personal_flags_identifier_shapes_not_product_codes(value: str, personal: bool) -> None:
+    assert looks_personal(value) is personal

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import ndef as ndeflib
 
+from edge.privacy.scrub import looks_personal
+
 MAX_OCTETS = 64 * 1024  # larger than any tag's NDEF area
 MAX_RECORDS = 64
 RecordKind = Literal["uri", "text", "smartposter", "mime", "external", "empty", "other"]
@@ -68,12 +70,23 @@ class NdefRecord:
             out["lang"] = self.lang if self.lang and _LANG.match(self.lang) else "?"
             out["chars"] = len(self.text or "")
         if self.kind == "mime":
-            out["mime"] = self.type_name if self.type_name and _MIME.match(self.type_name) else "?"
+            out["mime"] = _type_name(self.type_name, _MIME)
         if self.kind == "external":
-            out["name"] = self.type_name if self.type_name and _EXTERNAL.match(self.type_name) else "?"
+            out["name"] = _type_name(self.type_name, _EXTERNAL)
         if self.kind in ("mime", "external", "other"):
             out["bytes"] = len(self.payload)
         return out
+
+
+_DIGIT_RUN = re.compile(r"[0-9]{6}")
+
+
+def _type_name(name: str | None, shape: re.Pattern[str]) -> str:
+    """A record's type name as written on the tag, or "?" when it is malformed or could
+    carry a number of a person (whoever wrote the tag chose it)."""
+    if not name or not shape.match(name) or _DIGIT_RUN.search(name) or looks_personal(name):
+        return "?"
+    return name
 
 
 def parse_ndef(octets: bytes | bytearray) -> tuple[NdefRecord, ...]:

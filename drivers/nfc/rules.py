@@ -13,6 +13,7 @@ from typing import Any, Literal
 from drivers.nfc.config import NfcRule
 from drivers.nfc.gs1 import DigitalLink, Gs1Error, parse_digital_link
 from drivers.nfc.ndef import NdefRecord
+from edge.privacy.scrub import looks_personal
 
 Kind = Literal["product", "loyalty", "unknown"]
 
@@ -48,9 +49,10 @@ class Classifier:
             data: dict[str, Any] = {}
             if rule.kind == "product" and link is not None:
                 data["gtin"] = link.gtin
-                if link.batch is not None:
+                # batch and serial are free-form on the tag: left out when identifier-shaped
+                if link.batch is not None and not looks_personal(link.batch):
                     data["batch"] = link.batch
-                if link.serial is not None:
+                if link.serial is not None and not looks_personal(link.serial):
                     data["serial"] = link.serial
             loyalty = (hit or None) if rule.kind == "loyalty" else None
             return Classification(rule.kind, rule.name, data, loyalty, gs1_error)

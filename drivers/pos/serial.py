@@ -197,6 +197,10 @@ class PosSerial:
         self._handle(self._framer.reset())
         self._frames.clear()
         if port is not None:
+            with contextlib.suppress(OSError, termios.error):
+                # drop unsent output (an ACK to a POS holding CTS low): otherwise close() waits
+                # for the tty to drain, up to the driver's closing_wait (30 s), on the event loop
+                termios.tcflush(port.fileno(), termios.TCOFLUSH)
             with contextlib.suppress(OSError):  # closing an unplugged device may fail: it is gone anyway
                 port.close()
 

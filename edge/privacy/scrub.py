@@ -181,9 +181,11 @@ IDENTIFIER_PATTERNS: dict[str, re.Pattern[str]] = {
         rf"(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\1{_HEX2}){{8}}(?![0-9A-Fa-f])"
         rf"|(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\2{_HEX2}){{5}}(?![0-9A-Fa-f])"
     ),
-    # MAC address with colons or dashes, any case; Cisco style aabb.ccdd.eeff
+    # MAC address with colons or dashes, any case; Cisco style aabb.ccdd.eeff; BlueZ object
+    # paths write it with underscores (/org/bluez/hci0/dev_AA_BB_CC_DD_EE_FF)
     "mac": re.compile(
         rf"(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\1{_HEX2}){{4}}(?![0-9A-Fa-f])"
+        rf"|(?<![0-9A-Fa-f]){_HEX2}_{_HEX2}(?:_{_HEX2}){{4}}(?![0-9A-Fa-f])"
         r"|(?<![0-9A-Fa-f.])[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}(?![0-9A-Fa-f.])"
     ),
     # 13 or more digits with optional single space/dash separators, no Luhn check (defence
@@ -192,6 +194,15 @@ IDENTIFIER_PATTERNS: dict[str, re.Pattern[str]] = {
     "email": _EMAIL,
     "phone": _PHONE,
 }
+
+
+def looks_personal(value: str) -> bool:
+    """True when `value` holds a phone number, e-mail, MAC or UID shape, or a Luhn-valid card
+    number: drivers leave such a free-form value out of `Reading.data`. (Unlike the log
+    redactor, a long digit run alone is not enough: product codes and receipt numbers are.)"""
+    if scrub_cards(value)[1]:
+        return True
+    return any(IDENTIFIER_PATTERNS[k].search(value) for k in ("email", "phone", "mac", "nfc_uid"))
 
 
 def redact_identifiers(text: str) -> str:
