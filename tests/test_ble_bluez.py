@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import structlog
 
 from drivers.base import Backoff
 from drivers.ble import BleDriver
+from drivers.ble.bleak import BleakBackend
 from drivers.ble.config import Ble
 from edge.clock import SystemClock
 from edge.events import Ident, Reading
@@ -339,6 +341,27 @@ async def test_passive_scanning_where_supported_else_active(bluez: MockBluez) ->
         await run.until("degraded", lambda: run.driver.degraded_reason == "passive_unsupported")
 
 
+async def test_an_unexpected_failure_mid_power_cycle_closes_sessions_and_degrades(bluez: MockBluez) -> None:
+    """A failure that is neither a D-Bus error nor a timeout (here: BlueZ answers the
+    Powered query with a body of the wrong type) during the watchdog's power cycle still
+    closes the open sessions (presence.exit reason stop) and degrades the driver with
+    reason bluez_error (not backend_bug); it then recovers by itself."""
+    bluez.add_adapter("hci0")
+    cfg = config(presence={"exit_after": 30}, watchdog={"quiet": 0.4})
+    with structlog.testing.capture_logs() as logs:
+        async with running(bluez, cfg) as run:
+            run.radio.emitters[PHONE_A] = phone(-60)
+            await run.until("phone enters", lambda: bool(run.of("presence.enter")))
+            bluez.garble_next("Get")
+            bluez.stall("hci0", "power_cycle")
+            await run.until("sessions closed", lambda: bool(run.of("presence.exit", reason="stop")))
+            await run.until("running again", lambda: run.ble()["power_cycles"] >= 1 and run.driver.state == "running"
+                            and len(run.of("presence.enter")) == 2)
+    degraded = [e["reason"] for e in logs if e["event"] == "driver_degraded"]
+    assert set(degraded) == {"bluez_error"}  # at least one, and only this reason
+    assert not run.of("presence.exit", reason="gone")
+
+
 # --- the watchdog ---------------------------------------------------------------------------------
 
 
@@ -411,3 +434,23 @@ async def test_no_raw_address_leaves_the_driver_except_as_an_identifier(bluez: M
     leaked = [s for a in PHONES for s in _spellings(a) if s in text]
     assert leaked == []
     assert {r.ids["device"].raw for r in run.readings if r.ids} <= set(PHONES)
+
+
+def test_bleak_and_dbus_fast_debug_logs_are_kept_quiet() -> None:
+    """Their DEBUG lines carry D-Bus device paths (the address), names and advertisement
+    data: building the backend raises them to INFO even with the root logger at DEBUG,
+    and leaves a stricter level alone."""
+    names = ("bleak", "dbus_fast")
+    saved = {n: logging.getLogger(n).level for n in (*names, "")}
+    try:
+        logging.getLogger().setLevel(logging.DEBUG)
+        logging.getLogger("bleak").setLevel(logging.NOTSET)
+        logging.getLogger("dbus_fast").setLevel(logging.ERROR)
+        assert logging.getLogger("bleak").getEffectiveLevel() == logging.DEBUG
+        BleakBackend(config(), SystemClock())
+        assert logging.getLogger("bleak").getEffectiveLevel() >= logging.INFO
+        assert logging.getLogger("bleak.backends.bluezdbus.manager").getEffectiveLevel() >= logging.INFO
+        assert logging.getLogger("dbus_fast").getEffectiveLevel() == logging.ERROR
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)

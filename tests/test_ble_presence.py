@@ -147,6 +147,38 @@ def test_max_devices_bounds_memory_and_counts_what_it_ignores() -> None:
     assert (e.tracked, e.over_limit) == (10, 2)
 
 
+def test_a_full_table_evicts_the_least_recently_seen_absent_device_so_spam_cannot_blind_presence() -> None:
+    """With the table full of weak (never entered) random addresses, a real phone is still
+    tracked and enters: the least recently seen absent entry makes room. Present devices are
+    never evicted; only when every tracked device is present is a new address refused."""
+    e = engine(max_devices=10)
+    e.observe(PHONE2, -60, T0, wall(T0))  # present
+    for i in range(30):  # a spammer: random addresses, too weak to enter
+        t = T0 + 0.1 * i
+        e.observe(f"5A:00:00:00:00:{i:02X}", -95, t, wall(t))
+    assert (e.tracked, e.over_limit, e.evicted) == (10, 0, 21)
+    e.observe("5A:00:00:00:00:1D", -95, T0 + 3.1, wall(T0 + 3.1))  # refreshed: now the most recent
+    r = e.observe(PHONE, -60, T0 + 3.2, wall(T0 + 3.2))
+    assert r is not None
+    assert r.type == "presence.enter"
+    assert (e.present, e.tracked) == (2, 10)
+    # the oldest weak one (0x15) was evicted, not the refreshed 0x1D; 0x16 is next to go
+    assert e.observe("5A:00:00:00:00:15", -95, T0 + 3.3, wall(T0 + 3.3)) is None
+    assert e.evicted == 23
+    e.observe("5A:00:00:00:00:1D", -95, T0 + 3.4, wall(T0 + 3.4))  # still tracked: no eviction
+    assert e.evicted == 23
+    out = e.flush(T0 + 4, wall(T0 + 4))
+    assert sorted(r.ids["device"].raw for r in out) == sorted([PHONE, PHONE2])
+
+
+def test_a_full_table_of_present_devices_refuses_new_addresses() -> None:
+    e = engine(max_devices=10)
+    for i in range(10):
+        e.observe(f"5A:00:00:00:00:{i:02X}", -60, T0, wall(T0))
+    assert e.observe(PHONE, -50, T0 + 1, wall(T0 + 1)) is None
+    assert (e.tracked, e.present, e.over_limit, e.evicted) == (10, 10, 1, 0)
+
+
 def test_flush_closes_open_sessions_with_reason_stop_and_forgets_everyone() -> None:
     e = engine()
     e.observe(PHONE, -60, T0, wall(T0))

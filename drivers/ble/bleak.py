@@ -20,13 +20,17 @@ after a pause (then one power cycle, which ends bluetoothd's stale discovery ses
 
 Before such an error the open presence sessions are closed (`presence.exit`, reason
 "stop") and every raw address is forgotten; `aclose()` forgets them too. Errors and logs
-name the adapter and D-Bus error names, never a device address.
+name the adapter and D-Bus error names, never a device address; bleak's and dbus-fast's
+own loggers are kept at INFO or above (their DEBUG lines carry device paths). Any other
+failure while scanning (OSError, EOFError, a dbus-fast error) becomes
+`DriverError("bluez_error")` after the same flush.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
@@ -71,6 +75,23 @@ _HINT_BLUEZ = "is bluetoothd running (`systemctl status bluetooth`) and may the 
 _HINT_RFKILL = "check `rfkill list` (blocked?) and `bluetoothctl show`"
 
 
+def _quiet_library_logs() -> None:
+    """bleak's and dbus-fast's DEBUG lines carry D-Bus device paths (/org/bluez/hci0/dev_AA_BB_...),
+    device names and advertisement data: keep them at INFO or above even when debugging."""
+    for name in ("bleak", "dbus_fast"):
+        log = logging.getLogger(name)
+        if log.getEffectiveLevel() < logging.INFO:
+            log.setLevel(logging.INFO)
+
+
+def _unexpected(what: str, exc: Exception) -> DriverError:
+    """Any other failure (OSError, EOFError, a dbus-fast error) as a DriverError, so the open
+    presence sessions are closed and the facade retries; the message names only the type."""
+    err = DriverError(f"{what} ({type(exc).__name__})", reason="bluez_error", hint=_HINT_BLUEZ)
+    err.__cause__ = exc
+    return err
+
+
 def _err_name(exc: BaseException) -> str:
     if isinstance(exc, BleakDBusError):
         return exc.dbus_error
@@ -87,6 +108,7 @@ class BleakBackend:
         self._clock = clock
         self._sleep = sleep
         self._log = structlog.get_logger("drivers.ble")
+        _quiet_library_logs()
         now = clock.monotonic()
         self._proc = BleProcessor(cfg, now)
         self._dog = ScanWatchdog(cfg.watchdog, expect_always=bool(cfg.beacons.known))
@@ -190,6 +212,8 @@ class BleakBackend:
                 await self._act(action)
             except DriverError as exc:
                 return out, exc
+            except Exception as exc:  # a dropped bus mid power cycle, ...: close sessions, then retry
+                return out, _unexpected(f"watchdog {action} on {self.cfg.adapter} failed", exc)
         return out, None
 
     async def aclose(self) -> None:
@@ -373,6 +397,14 @@ class BleakBackend:
         self._proc.resume(now)
 
     async def _check_events(self) -> DriverError | None:
+        try:
+            return await self._check_events_raw()
+        except DriverError as exc:
+            return exc
+        except Exception as exc:  # see _tick
+            return _unexpected(f"checking adapter {self.cfg.adapter} failed", exc)
+
+    async def _check_events_raw(self) -> DriverError | None:
         name = self.cfg.adapter
         while self._events:
             kind, value = self._events.popleft()

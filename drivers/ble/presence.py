@@ -9,6 +9,11 @@ held in memory only while its device is nearby (or at most `exit_after` after), 
 stored, and leaves this module only as `Ident("ble_address", raw)` in a Reading's `ids`
 (the pipeline turns it into a pseudonym).
 
+At most `max_devices` addresses are tracked: when full, a new address takes the place of
+the least recently seen device that is not present (counted as `evicted`), so a flood of
+random weak addresses cannot blind presence; it is ignored (counted as `over_limit`) only
+when every tracked device is present.
+
 Private address rotation is respected: a new address is a new device; nothing tries to
 link addresses (a phone that rotates its address mid-visit shows up as an exit after
 `exit_after` and a new enter).
@@ -70,7 +75,9 @@ class PresenceEngine:
         self._peak = [0] * n
         self._next_occupancy = now + self._every
         self._devs: dict[str, _Dev] = {}
-        self.over_limit = 0  # new addresses not tracked because max_devices were tracked
+        self._idle: dict[str, None] = {}  # tracked but not present, least recently seen first
+        self.over_limit = 0  # new addresses not tracked because max_devices were present
+        self.evicted = 0  # not-present addresses forgotten early to make room for a new one
         self.entered = 0
         self.exited = 0
 
@@ -96,10 +103,15 @@ class PresenceEngine:
     def observe(self, address: str, rssi: int, now: float, wall: int) -> Reading | None:
         """One advertisement; a `presence.enter` reading when the device enters."""
         d = self._devs.get(address)
+        idle = self._idle
         if d is None:
             if len(self._devs) >= self._max:
-                self.over_limit += 1
-                return None
+                if not idle:  # every tracked device is present: nothing to give up
+                    self.over_limit += 1
+                    return None
+                oldest = next(iter(idle))  # the least recently seen device that is not present
+                del idle[oldest], self._devs[oldest]
+                self.evicted += 1
             d = self._devs[address] = _Dev(float(rssi), now)
         else:
             d.ema += self._alpha * (rssi - d.ema)
@@ -123,7 +135,10 @@ class PresenceEngine:
             return None
         d.last_seen = now
         if ema < self._enter:
+            idle.pop(address, None)
+            idle[address] = None  # to the end: least recently seen first
             return None
+        idle.pop(address, None)
         d.present = True
         d.entered = d.last_near = now
         d.n, d.total, d.lo, d.hi = 1, rssi, rssi, rssi
@@ -175,6 +190,7 @@ class PresenceEngine:
                 gone.append(address)
         for address in gone:
             del self._devs[address]
+            self._idle.pop(address, None)
         if now >= self._next_occupancy:
             out.extend(self._occupancy(wall))
             self._next_occupancy += self._every
@@ -202,4 +218,5 @@ class PresenceEngine:
     def forget(self) -> None:
         """Drop every address without events (the counts start over at zero)."""
         self._devs.clear()
+        self._idle.clear()
         self._count = [0] * len(self._count)

@@ -133,5 +133,6 @@ class BleProcessor:
             "entered": p.entered,
             "exited": p.exited,
             "over_limit": p.over_limit,
+            "evicted": p.evicted,
             "tlm_unattributed": self.beacons.unattributed_tlm,
         }

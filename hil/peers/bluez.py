@@ -194,6 +194,7 @@ class MockBluez:
         self.calls: list[tuple[str, str]] = []
         self.counts: Counter[str] = Counter()  # adverts delivered / dropped (by why)
         self._fail: dict[str, deque[str]] = {}
+        self._garble: Counter[str] = Counter()
         self._bus: MessageBus | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -283,6 +284,11 @@ class MockBluez:
     def fail_next(self, member: str, error: str, times: int = 1) -> None:
         """The next `times` calls of `member` (e.g. StartDiscovery) fail with D-Bus error `error`."""
         self._fail.setdefault(member, deque()).extend([error] * times)
+
+    def garble_next(self, member: str, times: int = 1) -> None:
+        """The next `times` calls of `member` get a success reply with a body BlueZ never
+        sends (a string where a variant belongs): the client fails in an unexpected way."""
+        self._garble[member] += times
 
     def is_scanning(self, name: str = "hci0") -> bool:
         a = self.adapters.get(name)
@@ -418,6 +424,9 @@ class MockBluez:
         failing = self._fail.get(msg.member)
         if failing:
             return Message.new_error(msg, failing.popleft(), "injected by the mock")
+        if self._garble[msg.member] > 0:
+            self._garble[msg.member] -= 1
+            return Message.new_method_return(msg, "s", ["garbage"])
         if msg.interface == OM and msg.member == "GetManagedObjects" and path == "/":
             objects: dict[str, dict[str, dict[str, Variant]]] = {a.path: self._interfaces(a)
                                                                   for a in self.adapters.values()}
