@@ -4,11 +4,10 @@ What must hold, and how it is checked here:
 - whether the wall clock is NTP-synchronized is known (kernel adjtimex), shown by `edge status`
   and carried in every batch header (`sync`);
 - an event captured while the clock is unsynchronized, or stamped more than a day ahead, says
-  so (`data.clock`); so should one stamped in 1970 under a clock that claims to be synced
-  (xfail: not flagged yet);
+  so (`data.clock`); so does one stamped in 1970 under a clock that claims to be synced;
 - retention never deletes early because of the wall clock: it pauses while unsynchronized,
-  and (xfail, strict) neither events stamped while the clock was wrong nor a clock step
-  forward may make fresh events look old. Those two are the open part; see the docstrings.
+  and neither events stamped while the clock was wrong nor a clock step forward may make
+  fresh events look old (retention marks on the monotonic clock).
 """
 
 from __future__ import annotations
