@@ -114,8 +114,7 @@ class Advertiser:
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait([self._task])  # not `await task`: a cancel of stop() itself must not be swallowed
         if self._azc is not None:
             with contextlib.suppress(Exception):  # best effort: the goodbye packet may not go out
                 if self._info is not None:

@@ -92,7 +92,9 @@ class Liveness:
 
     def _check_buffer(self, rt: Runtime, now: float) -> str | None:
         committed, queued = rt.buffer.last_committed_id, rt.buffer.queued
-        if self._buf is None or self._buf[0] != committed or queued == 0:
+        # a degraded buffer (disk full, I/O error) is alive and retrying: a restart would
+        # lose its queue and cannot free space, so it is not a stall for the watchdog
+        if self._buf is None or self._buf[0] != committed or queued == 0 or rt.buffer.degraded is not None:
             self._buf = (committed, now)
             return None
         idle = now - self._buf[1]

@@ -232,6 +232,8 @@ class Installer:
         pip = [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--upgrade"]
         if opts.no_deps:
             pip.append("--no-deps")
+        if self.root is not None:
+            pip.append("--no-cache-dir")  # pip's cache lives in $HOME, outside the root
         if opts.wheelhouse is not None:
             pip += ["--no-index", "--find-links", str(opts.wheelhouse)]
         self.run([*pip, opts.spec or str(opts.source)])

@@ -191,9 +191,11 @@ class Supervisor:
         log.info("stopping", drain_timeout_s=timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout  # one budget for the whole stop, so it stays under TimeoutStopSec
+        # components (uplink, health, advertise) may not eat the flush's share of the budget
+        components_deadline = deadline - min(5.0, timeout / 2)
         for comp in reversed(started):
             try:
-                await bounded(comp.stop(), max(0.1, deadline - loop.time()))
+                await bounded(comp.stop(), max(0.1, components_deadline - loop.time()))
             except Exception as exc:
                 log.error("component_stop_failed", component=comp.name, error=str(exc) or type(exc).__name__)
         for t in driver_tasks:

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 from edge.buffer import Buffer, StoredEvent
-from edge.buffer.bounds import Mark, Marks
+from edge.buffer.bounds import Mark, Marks, boot_id
 from edge.buffer.schema import SCHEMA_VERSION
 from edge.clock import FakeClock
 from edge.config import Config
@@ -460,3 +460,12 @@ def build_batch(seq: int, prev: bytes, events: list[StoredEvent]) -> Any:
     h = msgpack.packb(header, use_bin_type=True)
     payload = msgpack.packb({"v": 1, "h": h, "b": body, "s": bytes(64)}, use_bin_type=True)
     return SealedBatch(seq, hashlib.sha256(h).digest(), payload, events[0].id, events[-1].id, len(events))
+
+
+def test_the_boot_id_comes_from_the_unit_when_proc_sys_is_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ProcSubset=pid /proc/sys is hidden; the unit passes systemd's %b as EDGE_BOOT_ID,
+    so marks of this boot keep aging by the monotonic clock across restarts of the service."""
+    monkeypatch.setenv("EDGE_BOOT_ID", "3f1c0e55a2b84b6c9d7e1f2a3b4c5d6e")
+    assert boot_id() == "3f1c0e55a2b84b6c9d7e1f2a3b4c5d6e"
+    monkeypatch.delenv("EDGE_BOOT_ID")
+    assert boot_id() == boot_id()  # the kernel's, stable within a boot

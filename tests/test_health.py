@@ -19,7 +19,8 @@ import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiomqtt
 import pytest
@@ -28,9 +29,10 @@ from support.mosquitto import Mosquitto
 
 from drivers.base import Backoff, Driver
 from drivers.registry import build_drivers
-from edge.clock import Clock, SystemClock
+from edge.buffer import Buffer
+from edge.clock import Clock, FakeClock, SystemClock
 from edge.config import Config, Health
-from edge.events import Reading
+from edge.events import Pending, Reading
 from edge.health import Liveness, health_component
 from edge.privacy.keys import KeyStore
 from edge.supervisor import ComponentFactory, Runtime, Supervisor
@@ -304,3 +306,28 @@ async def test_a_taken_port_is_reported_but_does_not_stop_the_daemon(tmp_path: P
             assert health.status()["state"] == "failed"
             assert "in use" in str(health.status()["error"]).lower()
             await wait_until(lambda: rt.buffer.last_committed_id > 0)
+
+
+async def test_a_full_disk_is_not_a_stall_for_the_watchdog(tmp_path: Path) -> None:
+    """Disk full with nothing left to evict: events wait queued and nothing commits, but the
+    writer is alive and retrying. Withholding the watchdog would have systemd kill the daemon
+    (losing the queue, freeing no space) until the start limit leaves the unit failed."""
+    cfg = make_cfg(tmp_path, buffer={"queue_max": 100, "commit_max_events": 50})
+    clock = FakeClock()
+    buf = await Buffer.open(cfg, clock)
+    try:
+        await buf.set_max_pages(1)
+        for i in range(60):
+            await buf.put(Pending(clock.wall_ms(), "ble", "presence.enter", {"pad": "x" * 200, "i": i}))
+        async with asyncio.timeout(10):
+            while buf.degraded is None:  # noqa: ASYNC110 - polling a property the buffer sets
+                await asyncio.sleep(0.01)
+        assert buf.queued > 0
+        rt = cast(Runtime, SimpleNamespace(buffer=buf, pumps={}))
+        liveness = Liveness(clock, 1.0)
+        assert liveness.check(rt) is None
+        clock.advance(120)
+        assert liveness.check(rt) is None  # degraded, not stalled
+    finally:
+        await buf.set_max_pages(None)
+        await buf.close()

@@ -108,6 +108,8 @@ def test_unit_is_a_notify_service_with_watchdog_restart_and_its_directories() ->
     assert values(unit, "LogsDirectory") == ["store-edge"]
     (execstart,) = values(unit, "ExecStart")
     assert execstart == "/opt/store-edge/venv/bin/edge run --config /etc/store-edge/store.yaml"
+    # ProcSubset=pid hides /proc/sys/kernel/random/boot_id: retention marks get it from here
+    assert "EDGE_BOOT_ID=%b" in values(unit, "Environment")
 
 
 def test_stop_timeout_outlasts_the_daemons_own_drain() -> None:

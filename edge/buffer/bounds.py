@@ -21,6 +21,7 @@ the configured age by at most a few percent of it; with no mark old enough nothi
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -357,7 +358,11 @@ _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 def boot_id() -> str:
-    """This boot's id; unreadable -> a random one, so only this open's marks use monotonic time."""
+    """This boot's id: `EDGE_BOOT_ID` (the unit sets it to systemd's %b, because
+    `ProcSubset=pid` hides /proc/sys), else the kernel's; unreadable -> a random one, so only
+    this open's marks use monotonic time."""
+    if env := os.environ.get("EDGE_BOOT_ID", "").strip():
+        return env
     try:
         return _BOOT_ID.read_text().strip() or secrets.token_hex(16)
     except OSError:
