@@ -180,8 +180,10 @@ class Driver:
         await self.backend.aclose()
 
     def status(self) -> dict[str, Any]:
-        """What `edge status` and the health endpoint show (no identifiers)."""
-        return {
+        """What `edge status` and the health endpoint show (no identifiers). A backend with a
+        `stats()` method (its own counters: restarts, rejections, ...) adds them under the
+        driver's kind, e.g. `status()["ble"]`."""
+        out: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "backend": self.backend.name,
@@ -190,6 +192,10 @@ class Driver:
             "last_reading_ts": self.last_reading_ts,
             **self._counts(),
         }
+        stats = getattr(self.backend, "stats", None)
+        if callable(stats):
+            out[self.kind] = stats()
+        return out
 
     def _counts(self) -> dict[str, int]:
         c = self.counters

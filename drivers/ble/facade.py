@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 
 from drivers.base import (
     Backend,
@@ -57,12 +56,3 @@ class BleDriver(Driver):
         chosen = default_backend(cfg, clock, sim) if backend is None else resolve_backend(backend, cfg, clock)
         super().__init__("ble", "ble", chosen, clock, sleep=sleep, rng=rng, backoff=backoff)
         self.cfg = cfg
-
-    def status(self) -> dict[str, Any]:
-        """The facade's status plus the backend's counters under `ble` (the real backend's
-        watchdog level, restarts, power cycles, presence and decoder counts; no identifiers)."""
-        out = super().status()
-        stats = getattr(self.backend, "stats", None)
-        if callable(stats):
-            out["ble"] = stats()
-        return out

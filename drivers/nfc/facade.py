@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any, Protocol, runtime_checkable
 
 from drivers.base import (
     Backend,
@@ -17,13 +16,6 @@ from drivers.base import (
 )
 from drivers.nfc.config import Nfc
 from edge.clock import Clock
-
-
-@runtime_checkable
-class HasStats(Protocol):
-    """A backend with counters of its own (taps, debounced, rejections) for `status()`."""
-
-    def stats(self) -> dict[str, int]: ...
 
 
 def default_backend(cfg: Nfc, clock: Clock, sim: SimOptions | None = None) -> Backend:
@@ -64,10 +56,3 @@ class NfcDriver(Driver):
         chosen = default_backend(cfg, clock, sim) if backend is None else resolve_backend(backend, cfg, clock)
         super().__init__("nfc", "nfc", chosen, clock, sleep=sleep, rng=rng, backoff=backoff)
         self.cfg = cfg
-
-    def status(self) -> dict[str, Any]:
-        """The common fields, plus the backend's own counters under `nfc` when it has them."""
-        out = super().status()
-        if isinstance(self.backend, HasStats):
-            out["nfc"] = self.backend.stats()
-        return out
