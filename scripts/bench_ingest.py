@@ -14,6 +14,9 @@ sink differs:
     run in a fresh subprocess so its peak RSS (ru_maxrss) is its own;
 (c) naive baseline: the sink builds the same body, then BEGIN; INSERT; COMMIT per event
     (stdlib sqlite3, WAL, synchronous=FULL) on a smaller sample; its rate is the figure.
+    For context only, (c') does the same with SQLite's default rollback journal instead of
+    WAL (what code that sets no pragma gets): each commit then syncs the journal and the
+    database. The target is judged against (c), the stricter of the two.
 
 Targets: (b) >= 60 % of (a); (b) >= 30x (c); peak RSS of (b) <= 60 MiB.
 """
@@ -220,13 +223,14 @@ class PackOnly:
 
 
 class Naive:
-    """(c): the same body, then one BEGIN; INSERT; COMMIT per event."""
+    """(c): the same body, then one BEGIN; INSERT; COMMIT per event; (c') the same without WAL."""
 
-    def __init__(self, cfg: Config, path: Path) -> None:
+    def __init__(self, cfg: Config, path: Path, *, wal: bool = True) -> None:
         self._packer = EventPacker(ranks(cfg.buffer.priorities))
         self._pack_id = msgpack.Packer().pack
         self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode = WAL")
+        if wal:
+            self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts INTEGER, src TEXT, body BLOB)")
         self.events = 0
@@ -320,6 +324,7 @@ async def real_path(state: Path, n: int) -> dict[str, Any]:
 
 def run_child(state: Path, n: int) -> dict[str, Any]:
     """(b) in a fresh interpreter, so nothing else this process allocated counts."""
+    KeyStore(_config(state).paths.keys_dir, SystemClock()).init()  # as `edge keys init` does, once per device
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--events", str(n), "--state", str(state)],
         check=True, capture_output=True, text=True,
@@ -328,10 +333,10 @@ def run_child(state: Path, n: int) -> dict[str, Any]:
     return result
 
 
-async def naive(state: Path, n: int) -> dict[str, Any]:
+async def naive(state: Path, n: int, *, wal: bool = True) -> dict[str, Any]:
     clock = SystemClock()
     cfg = _config(state)
-    sink = Naive(cfg, state / "naive.db")
+    sink = Naive(cfg, state / ("naive.db" if wal else "naive-journal.db"), wal=wal)
     try:
         pipeline, _cards = build_pipeline(clock, _privacy(cfg, clock), sink)
         dt = await _timed(pipeline, clock, n)
@@ -368,6 +373,8 @@ def main() -> int:
     print(f"(c) naive baseline on {args.naive_sample} events ...", file=sys.stderr)
     (root / "naive").mkdir(parents=True, exist_ok=True)
     c = asyncio.run(naive(root / "naive", args.naive_sample))
+    print(f"(c') naive, rollback journal, on {args.naive_sample} events ...", file=sys.stderr)
+    c2 = asyncio.run(naive(root / "naive", args.naive_sample, wal=False))
 
     pct = 100.0 * b["rate"] / a["rate"]
     mult = b["rate"] / c["rate"]
@@ -376,6 +383,7 @@ def main() -> int:
         ("(a) ceiling: pipeline + msgpack", a),
         ("(b) real: Pipeline -> Buffer (FULL)", b),
         ("(c) naive: INSERT+COMMIT per event", c),
+        ("(c') naive, rollback journal (context)", c2),
     ]
     print(f"{'path':<38} {'events':>9} {'seconds':>8} {'events/s':>10}")
     for name, r in rows:
@@ -385,6 +393,8 @@ def main() -> int:
     print(f"(b)/(a) = {pct:.1f} % of ceiling   (target >= {TARGET_CEILING_PCT:.0f} %: "
           f"{_verdict(pct >= TARGET_CEILING_PCT)})")
     print(f"(b)/(c) = {mult:.1f}x naive        (target >= {TARGET_NAIVE_X:.0f}x: {_verdict(mult >= TARGET_NAIVE_X)})")
+    print(f"          (a)/(c) = {a['rate'] / c['rate']:.1f}x: the most any storage could reach here, since (b) <= (a);"
+          f" (b)/(c') = {b['rate'] / c2['rate']:.1f}x")
     print(f"(b) peak RSS = {rss:.1f} MiB        (target <= {TARGET_RSS_MIB:.0f} MiB: "
           f"{_verdict(rss <= TARGET_RSS_MIB)})")
     return 0

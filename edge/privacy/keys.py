@@ -27,10 +27,12 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.clock import Clock
 from edge.errors import KeyError_
@@ -137,6 +139,14 @@ def _parse_tenant(data: bytes) -> bytes | None:
     return None
 
 
+def _ed25519() -> type[Ed25519PrivateKey]:
+    """cryptography's Ed25519 key class, imported when a signing key is first made or loaded:
+    its Rust module costs ~7 MiB of RSS that a process which only pseudonymizes never needs."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey
+
+
 def tenant_kid(key: bytes) -> str:
     """Key id of a tenant key: first 4 bytes of SHA-256 of the key, lowercase hex."""
     return hashlib.sha256(key).digest()[:4].hex()
@@ -191,7 +201,7 @@ class KeyStore:
                     f"keys already exist in {self._dir}",
                     hint="pass --force to replace them (new kid; old pseudonyms become unlinkable)",
                 )
-            key = Ed25519PrivateKey.generate()
+            key = _ed25519().generate()
             _shred(self._dir / SIGNING_FILE)
             _write_atomic(self._dir / SIGNING_FILE, key.private_bytes_raw())
             for _, path in existing:
@@ -215,12 +225,12 @@ class KeyStore:
                     f"signing key {path} is {len(raw)} bytes, expected 32 raw bytes",
                     hint="restore it from backup or re-create with: edge keys init --force",
                 )
-            self._signing = Ed25519PrivateKey.from_private_bytes(raw)
+            self._signing = _ed25519().from_private_bytes(raw)
         return self._signing
 
     def public_key(self) -> bytes:
         """Raw 32-byte Ed25519 public key."""
-        return self.signing_key().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return self.signing_key().public_key().public_bytes_raw()
 
     def kid(self) -> str:
         """uplink-v1 key id: lowercase hex of the first 8 bytes of SHA-256 over the raw public key."""
