@@ -16,6 +16,7 @@ from edge.privacy.keys import KeyStore
 from edge.privacy.pseudonym import Pseudonymizer
 from edge.privacy.scrub import (
     IDENTIFIER_PATTERNS,
+    holds_card,
     looks_personal,
     luhn_ok,
     redact_identifiers,
@@ -81,9 +82,44 @@ def test_card_next_to_other_numbers_is_found() -> None:
     assert scrub_cards("Karte: 4111111111111111, Betrag 12,00") == ("Karte: [card], Betrag 12,00", 1)
 
 
-def test_double_separators_split_numbers() -> None:
-    text = "4111  1111  1111  1111"  # not a card per the rule (single separators only)
-    assert scrub_cards(text) == (text, 0)
+def test_double_separators_and_dots_split_numbers() -> None:
+    """Receipt columns ("12.99  3.49") must not join into card-length runs, so free text
+    reads single separators only. (An identifier is checked on all its digits: holds_card.)"""
+    for text in ("4111  1111  1111  1111", "4111.1111.1111.1111", "12.99  3.49  45.00  2.10  7.77"):
+        assert scrub_cards(text) == (text, 0)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "4111\t1111\t1111\t1111",
+        "4111\u00a01111\u00a01111\u00a01111",  # no-break spaces
+        "4111\u202f1111\u202f1111\u202f1111",  # narrow no-break spaces
+        "4111 - 1111 - 1111 - 1111",
+        "4111\u20131111\u20131111\u20131111",  # en dashes
+        "\uff14" + "\uff11" * 15,  # full-width digits
+    ],
+)
+def test_cards_with_other_single_separators_and_wide_digits_are_scrubbed(spelling: str) -> None:
+    assert scrub_cards(f"Karte {spelling} ok") == ("Karte [card] ok", 1)
+    assert redact_identifiers(f"Karte {spelling} ok") == "Karte [redacted:card] ok"
+
+
+@pytest.mark.parametrize(
+    ("value", "card"),
+    [
+        ("4111111111111111", True),
+        ("4111.1111.1111.1111", True),
+        ("4111 / 1111 / 1111 / 1111", True),
+        ("Member no: 4111  1111  1111  1111", True),
+        ("loyalty 12 then 4111111111111111", True),  # 18 digits overall, not Luhn; holds one
+        ("4006381333931", False),
+        ("LOY-1234-5678-9012", False),
+        ("", False),
+    ],
+)
+def test_holds_card_reads_all_digits_of_an_identifier(value: str, card: bool) -> None:
+    assert holds_card(value) is card
 
 
 def test_short_text_is_returned_unchanged() -> None:
@@ -279,6 +315,35 @@ def pz_fuzz(tmp_path_factory: pytest.TempPathFactory) -> Pseudonymizer:
     keys = KeyStore(tmp_path_factory.mktemp("scrubkeys") / "keys", FakeClock())
     keys.init()
     return Pseudonymizer(Privacy(), keys, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("Type2Tag 'NXP NTAG215' ID=04A1B2C3D4E5F6", "hex_id"),
+        ("mac AABBCCDDEEFF seen", "hex_id"),
+        ("uid 04a1b2c3d4e5f6a7b8c9 read", "hex_id"),
+        ("uid 04 a1 b2 c3 d4 e5 f6 read", "hex_bytes"),
+        ("got b'\\x04\\xa1B\\xc3' from reader", "bytes"),
+    ],
+)
+def test_separatorless_hex_ids_dumps_and_bytes_literals_are_redacted(text: str, kind: str) -> None:
+    assert f"[redacted:{kind}]" in redact_identifiers(text)
+    assert not re.search(r"04A1B2|AABBCC|04a1b2|a1 b2 c3|xa1", redact_identifiers(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "batch 3f9a1c0e2b7d4c5a9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d",  # a hash
+        "batch_id 550e8400-e29b-41d4-a716-44665544abcd",  # UUID pieces stay
+        "events 123456789012 bytes 52428800",  # all-digit runs under 13 digits are numbers
+        "kid 21fe31dfa154a261",
+        "ble:e3:abcdefghijklmnopqrstuvwxyz",  # a pseudonym
+    ],
+)
+def test_long_hex_tokens_and_numbers_stay_in_logs(text: str) -> None:
+    assert redact_identifiers(text) == text
 
 
 def test_bluez_object_paths_lose_the_address_in_logs() -> None:

@@ -72,6 +72,45 @@ def test_card_scrub_covers_text_data_and_ids() -> None:
     assert r.data["note"] == f"paid with {CARD_SPACED}"  # the input is not mutated
 
 
+@pytest.mark.parametrize(
+    ("cls", "raw"),
+    [
+        ("loyalty_id", CARD),
+        ("loyalty_id", "4111.1111.1111.1111"),
+        ("loyalty_id", "4111  1111  1111  1111"),
+        ("loyalty_id", "\uff14" + "\uff11" * 15),  # full-width digits
+        ("loyalty_id", f"member {CARD} 2"),
+        ("phone", "4111 1111 1111 1111"),
+        ("email", f"{CARD}@example.org"),
+    ],
+)
+def test_a_card_number_given_as_another_identifier_is_dropped(cls: Any, raw: str, pz: Pseudonymizer) -> None:
+    """A card swiped where a loyalty number was expected (a JSON POS field, an NFC loyalty
+    rule, a customer rule) is never pseudonymized: card numbers are not stored, not even hashed."""
+    cards = CardScrubStage()
+    r = Reading("pos", "pos.receipt", 1, {"total_cents": 100}, {"loyalty": Ident(cls, raw)})
+    out = PrivacyStage(pz)(cards(r))
+    assert out.data == {"total_cents": 100}
+    assert cards.cards_removed == 1
+
+
+@pytest.mark.parametrize(
+    ("cls", "raw"),
+    [
+        ("loyalty_id", "4006381333931"),  # 13 digits, not Luhn-valid
+        ("loyalty_id", "LOY-1234-5678-9012"),  # 12 digits
+        ("phone", "+49 30 1234567"),
+        ("nfc_uid", "04123456789012"),  # a hardware id: digits only, and Luhn-valid; not a card
+        ("ble_address", MAC),
+    ],
+)
+def test_other_identifiers_are_kept_for_pseudonymization(cls: Any, raw: str, pz: Pseudonymizer) -> None:
+    cards = CardScrubStage()
+    r = Reading("pos", "pos.receipt", 1, {}, {"who": Ident(cls, raw)})
+    assert cards(r) is r  # on to the privacy stage and its policy for the class
+    assert cards.cards_removed == 0
+
+
 def test_card_scrub_replaces_containers_nested_too_deep() -> None:
     """Data nested deeper than the scan bound is not passed on unscanned."""
     stage = CardScrubStage()

@@ -1,11 +1,15 @@
 """Scrubbing personal data out of free text (receipt lines, device strings, log lines).
 
-- `scrub_cards`: payment card numbers (13-19 digits, single spaces or dashes allowed
-  between digits, Luhn-valid) become `[card]`. Digit runs that fail Luhn stay (GTINs,
+- `scrub_cards`: payment card numbers (13-19 digits, Luhn-valid; between two digits one
+  separator may stand: a space, tab, no-break space, dash or " - "; full-width digits count
+  as digits) become `[card]`. Dots and double spaces split numbers, so the price columns of
+  a receipt ("12.99  3.49") never join into a card-length run. Digit runs that fail Luhn stay (GTINs,
   order numbers): an EAN-13 check digit is not a Luhn check digit, so most GTINs stay and
   the few that happen to be Luhn-valid are scrubbed (the safe side of the trade-off).
 - `scrub_text`: card scrub, then e-mail addresses and phone numbers become their
   pseudonym (per the privacy policy) or `[email]` / `[phone]` when the policy drops them.
+- `holds_card`: whether an identifier's value is or contains a card number, however its
+  digits are separated (a card number given as a loyalty number must not be pseudonymized).
 - `IDENTIFIER_PATTERNS`: identifier-shaped strings for the log scrubber (defence in depth;
   deliberately greedy, no Luhn check).
 
@@ -24,10 +28,18 @@ if TYPE_CHECKING:
 
 CARD = "[card]"
 
-# A maximal run of ASCII digits with single space/dash separators, >= 13 digits.
-_CARD_RUN = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}")
+# A maximal run of ASCII digits with single separators, >= 13 digits (after `_TO_ASCII`).
+_CARD_RUN = re.compile(r"(?<![0-9])[0-9](?:(?:[ \t-]| - )?[0-9]){12,}")
 _DIGIT_GROUP = re.compile(r"[0-9]+")
-_SEPARATORS = str.maketrans("", "", " -")
+_SEPARATORS = str.maketrans("", "", " \t-")
+_NON_DIGITS = re.compile(r"[^0-9]+")
+# Unicode spellings of card digits and separators, one character for one (offsets keep):
+# full-width digits; no-break, figure, thin and narrow no-break spaces; Unicode hyphens/dashes
+_TO_ASCII = {
+    **{0xFF10 + d: chr(48 + d) for d in range(10)},
+    **dict.fromkeys((0x00A0, 0x2007, 0x2009, 0x202F), " "),
+    **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013), "-"),
+}
 
 _EMAIL = re.compile(
     # no lookbehind on purpose: a local part longer than 64 still loses its last 64 and domain
@@ -135,18 +147,21 @@ def _card_spans(run: str) -> list[tuple[int, int]]:
 # Prefilter: a card number spans >= 13 consecutive characters that are digits, spaces or
 # dashes. Mapping those bytes to 1 and all others to 0 and looking for thirteen 1s is two C
 # loops, ~10x cheaper than the regex on a text without one (UUIDs, names, hex ids).
-_RUN_CHARS = bytes(1 if chr(b) in "0123456789 -" else 0 for b in range(256))
+_RUN_CHARS = bytes(1 if chr(b) in "0123456789 \t-" else 0 for b in range(256))
 _RUN13 = b"\x01" * 13
 
 
 def scrub_cards(text: str) -> tuple[str, int]:
     """Replace every Luhn-valid 13-19 digit card number in `text` by `[card]`; return the count."""
-    if len(text) < 13 or _RUN13 not in text.encode("utf-8", "surrogatepass").translate(_RUN_CHARS):
+    if len(text) < 13:
+        return text, 0
+    probe = text if text.isascii() else text.translate(_TO_ASCII)  # same length as text
+    if _RUN13 not in probe.encode("utf-8", "surrogatepass").translate(_RUN_CHARS):
         return text, 0
     pos = 0
     out: list[str] | None = None
     count = 0
-    for m in _CARD_RUN.finditer(text):
+    for m in _CARD_RUN.finditer(probe):
         spans = _card_spans(m.group())
         if not spans:
             continue
@@ -164,6 +179,18 @@ def scrub_cards(text: str) -> tuple[str, int]:
     return "".join(out), count
 
 
+def holds_card(value: str) -> bool:
+    """True when `value` is or contains a payment card number: its digits, whatever separates
+    them ("4111.1111.1111.1111", "4111 / 1111 ..."), are 13-19 long and Luhn-valid, or
+    `scrub_cards` finds one in it."""
+    digits = _NON_DIGITS.sub("", value.translate(_TO_ASCII))
+    if len(digits) < 13:
+        return False
+    if len(digits) <= 19 and luhn_ok(digits):
+        return True
+    return scrub_cards(value)[1] > 0
+
+
 def scrub_text(text: str, pz: Pseudonymizer) -> str:
     """Cards removed; e-mails and phone numbers replaced by pseudonyms or `[email]`/`[phone]`."""
     text, _ = scrub_cards(text)
@@ -175,7 +202,10 @@ def scrub_text(text: str, pz: Pseudonymizer) -> str:
 
 
 _HEX2 = "[0-9A-Fa-f]{2}"
+_D = "[0-9\uff10-\uff19]"  # a digit, ASCII or full-width
 IDENTIFIER_PATTERNS: dict[str, re.Pattern[str]] = {
+    # a bytes literal in a message or traceback (b'\x04\xa1...'): device bytes, shown raw
+    "bytes": re.compile(r"""(?<![A-Za-z0-9_])b(?:'(?:[^'\\\n]|\\.){1,512}'|"(?:[^"\\\n]|\\.){1,512}")"""),
     # 7- or 10-byte NFC UID written with separators (before "mac": longer wins)
     "nfc_uid": re.compile(
         rf"(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\1{_HEX2}){{8}}(?![0-9A-Fa-f])"
@@ -188,9 +218,18 @@ IDENTIFIER_PATTERNS: dict[str, re.Pattern[str]] = {
         rf"|(?<![0-9A-Fa-f]){_HEX2}_{_HEX2}(?:_{_HEX2}){{4}}(?![0-9A-Fa-f])"
         r"|(?<![0-9A-Fa-f.])[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}(?![0-9A-Fa-f.])"
     ),
-    # 13 or more digits with optional single space/dash separators, no Luhn check (defence
-    # in depth: a longer run may hide a card number next to other digits)
-    "card": re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}"),
+    # a MAC (6 bytes) or NFC UID (7 or 10 bytes) without separators, as nfcpy prints a tag
+    # ("ID=04A1B2C3D4E5F6"): exactly 12, 14 or 20 hex digits, at least one of them a letter
+    # (an all-digit run is a number: counts, times); pieces of longer tokens (hashes, UUIDs) stay
+    "hex_id": re.compile(
+        r"(?<![0-9A-Za-z_-])(?=[0-9]{0,19}[A-Fa-f])"
+        r"(?:[0-9A-Fa-f]{20}|[0-9A-Fa-f]{14}|[0-9A-Fa-f]{12})(?![0-9A-Za-z_-])"
+    ),
+    # six or more hex bytes separated by single spaces ("04 a1 b2 c3 d4 e5 f6": a hex dump)
+    "hex_bytes": re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){5,}(?![0-9A-Fa-f])"),
+    # 13 or more digits with optional single separators, as `scrub_cards` reads them, but no
+    # Luhn check (defence in depth: a longer run may hide a card number next to other digits)
+    "card": re.compile(rf"(?<!{_D}){_D}(?:(?:[ \t\u00a0\u2007\u2009\u202f\u2010-\u2013-]| - )?{_D}){{12,}}"),
     "email": _EMAIL,
     "phone": _PHONE,
 }

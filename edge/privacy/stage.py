@@ -2,7 +2,9 @@
 
 - `CardScrubStage` runs first: no later stage (nor a log line about a reading) ever sees
   a payment card number. It scrubs `text`, every string (and bytes) value in `data`, and
-  drops `ids` of class card_number.
+  drops `ids` of class card_number, and any loyalty number, phone number or e-mail whose
+  value is or holds a card number (a card swiped or typed where a loyalty number was
+  expected must not be pseudonymized: card numbers are never stored, not even hashed).
 - `PrivacyStage` runs last before the buffer: identifiers become pseudonyms (or vanish),
   free text is scrubbed of e-mails and phone numbers, and the result is a `Pending` event,
   safe to store.
@@ -14,14 +16,17 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from edge.events import IdentClass, Pending, Reading
+from edge.events import Ident, IdentClass, Pending, Reading
 from edge.privacy.pseudonym import Pseudonymizer
-from edge.privacy.scrub import scrub_cards, scrub_text
+from edge.privacy.scrub import holds_card, scrub_cards, scrub_text
 
 MAX_DEPTH = 4  # containers nested deeper than this in `data` are replaced, not scanned
 TOO_DEEP = "[too-deep]"
 _MIN_CARD = 13
 _SCALARS = frozenset({int, float, bool, type(None)})
+# classes whose raw value people type or present: checked for a card number in disguise
+# (BLE addresses and NFC UIDs are hardware hex ids; a 14-digit UID passing Luhn is not a card)
+_CARD_CHECKED = frozenset({"loyalty_id", "phone", "email"})
 
 
 class CardScrubStage:
@@ -61,8 +66,9 @@ class CardScrubStage:
         new_ids = None
         if ids:
             for ident in ids.values():
-                if ident.cls == "card_number":
-                    new_ids = {k: i for k, i in ids.items() if i.cls != "card_number"}
+                cls = ident.cls  # _is_card inline: this runs for nearly every reading
+                if cls == "card_number" or (cls in _CARD_CHECKED and holds_card(ident.raw)):
+                    new_ids = {k: i for k, i in ids.items() if not _is_card(i)}
                     self.cards_removed += len(ids) - len(new_ids)
                     break
         if new_text is None and new_data is data and new_ids is None:
@@ -119,6 +125,11 @@ class CardScrubStage:
                     out = dict(m)
                 out[k] = nv
         return m if out is None else out
+
+
+def _is_card(ident: Ident) -> bool:
+    cls = ident.cls
+    return cls == "card_number" or (cls in _CARD_CHECKED and holds_card(ident.raw))
 
 
 class PrivacyStage:
