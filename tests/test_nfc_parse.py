@@ -230,6 +230,67 @@ def test_type_names_that_could_carry_a_number_of_a_person_are_not_summarized() -
     ]
 
 
+@pytest.mark.parametrize("lang", ["en", "de-DE", "zh-Hant-TW", "es-419", "gsw"])
+def test_text_record_languages_shaped_like_bcp47_tags_are_summarized(lang: str) -> None:
+    """A language tag as real tags write it (language, script, region) reaches the summary."""
+    (record,) = parse_ndef(msg(ndef.TextRecord("hello", lang)))
+    assert record.summary() == {"type": "text", "lang": lang, "chars": 5}
+
+
+@pytest.mark.parametrize(
+    "lang",
+    [
+        "x-91234567-8901",  # private use, digits: a number, not a language
+        "en-4711",  # a run of 4 digits
+        "de-123-456-789",  # 9 digits in 3-digit pieces: more than a region code needs
+        "jane@example.com",  # e-mail
+        "en-jane@ex.de",  # e-mail inside a tag-like shape
+        "+4915112345678",  # phone
+        "de-49-151-123",  # phone number in pieces
+        "e",  # too short for a language
+        "en\n",  # a trailing newline is not part of a tag
+        "en--US",
+        "en-US-POSIX-extra-more",  # more subtags than a summary needs
+    ],
+)
+def test_text_record_languages_that_could_carry_a_number_of_a_person_are_not_summarized(lang: str) -> None:
+    """Whoever wrote the tag chose the language field too: anything not shaped like a BCP 47
+    tag, with more than 3 digits in all, or looking personal is reported as "?" (like type names)."""
+    (record,) = parse_ndef(msg(ndef.TextRecord("hello", lang)))
+    assert record.summary() == {"type": "text", "lang": "?", "chars": 5}
+
+
+def test_type_names_with_a_trailing_newline_are_not_summarized() -> None:
+    """A type name is checked whole: "text/plain\\n" is not the MIME type text/plain."""
+    records = parse_ndef(msg(ndef.Record("text/plain\n", None, b"x"), ndef.Record("urn:nfc:ext:a.b:c\n", None, b"")))
+    assert [r.summary() for r in records] == [
+        {"type": "mime", "mime": "?", "bytes": 1},
+        {"type": "external", "name": "?", "bytes": 0},
+    ]
+
+
+_LANGS = st.one_of(
+    st.from_regex(r"[A-Za-z]{1,4}(-[A-Za-z0-9]{1,9}){0,4}", fullmatch=True),
+    st.text(alphabet="abDE0123456789-@+._ \n", max_size=40),
+    st.text(max_size=63),
+)
+
+
+@FUZZ
+@given(_LANGS)
+def test_fuzz_any_text_record_language_is_a_tag_or_question_mark(lang: str) -> None:
+    """Whatever the language field holds: "?" or a BCP 47-like tag without a 4-digit run."""
+    try:
+        octets = msg(ndef.TextRecord("x", lang))
+    except (ndef.EncodeError, ValueError):
+        return  # not a language ndeflib can write (ASCII, 1..63 characters)
+    for r in parse_ndef(octets):
+        got = r.summary()["lang"]
+        assert got == "?" or (
+            re.fullmatch(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8}){0,3}", got) and not re.search(r"[0-9]{4}", got)
+        )
+
+
 def test_an_identifier_shaped_serial_or_batch_stays_off_the_tap() -> None:
     """A Digital Link's serial is free-form: a phone number written there is left out."""
     c = classify([NfcRule(name="p", kind="product", gs1_digital_link=True)],

@@ -34,7 +34,10 @@ _KNOWN_TYPES: dict[str, type[Any]] = {
 }
 _MIME = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}$")
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]{0,15}):")
-_LANG = re.compile(r"^[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8}){0,3}$")
+# a BCP 47-like language tag: a 2-3 letter language, then up to three subtags of 2-8 letters
+# or digits (script, region, variant: "en", "de-DE", "zh-Hant-TW", "es-419"); see _language
+_LANG = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8}){0,3}$")
+_LANG_MAX_DIGITS = 3  # a UN M.49 region ("419") is the only number a real tag needs
 _EXTERNAL = re.compile(r"^[a-z0-9.:_-]{1,64}$")
 
 
@@ -67,7 +70,7 @@ class NdefRecord:
             m = _SCHEME.match((self.uri or "").lower())
             out["scheme"] = m.group(1) if m else "?"
         if self.kind == "text":
-            out["lang"] = self.lang if self.lang and _LANG.match(self.lang) else "?"
+            out["lang"] = _language(self.lang)
             out["chars"] = len(self.text or "")
         if self.kind == "mime":
             out["mime"] = _type_name(self.type_name, _MIME)
@@ -84,9 +87,23 @@ _DIGIT_RUN = re.compile(r"[0-9]{6}")
 def _type_name(name: str | None, shape: re.Pattern[str]) -> str:
     """A record's type name as written on the tag, or "?" when it is malformed or could
     carry a number of a person (whoever wrote the tag chose it)."""
-    if not name or not shape.match(name) or _DIGIT_RUN.search(name) or looks_personal(name):
+    if not name or not shape.fullmatch(name) or _DIGIT_RUN.search(name) or looks_personal(name):
         return "?"
     return name
+
+
+def _language(lang: str | None) -> str:
+    """A Text record's language as written on the tag, or "?" like a type name: unless it is
+    shaped like a BCP 47 tag (`_LANG`), has at most 3 digits in all (so no run of 4 or more:
+    "x-91234567-8901" is a number, not a language) and does not look personal."""
+    if (
+        not lang
+        or not _LANG.fullmatch(lang)  # not match(): "$" would let a trailing newline through
+        or sum(c.isdigit() for c in lang) > _LANG_MAX_DIGITS
+        or looks_personal(lang)
+    ):
+        return "?"
+    return lang
 
 
 def parse_ndef(octets: bytes | bytearray) -> tuple[NdefRecord, ...]:
