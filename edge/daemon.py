@@ -16,9 +16,10 @@ import structlog
 from edge.clock import Clock, SystemClock
 from edge.config import Config
 from edge.configload import load_config
+from edge.coredump import disable_core_dumps
 from edge.errors import StartupError
 from edge.health import Liveness
-from edge.logs import configure_logging
+from edge.logs import capture_uncaught, configure_logging
 from edge.notify import Notifier, ServiceLink
 from edge.supervisor import ComponentFactory, Supervisor, install_signal_handlers
 
@@ -60,9 +61,13 @@ async def run_daemon(
 
 
 def run_main(config_path: str) -> int:
+    no_core = disable_core_dumps()  # first: memory will hold raw identifiers (edge/coredump.py)
     cfg = load_config(config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)
+    capture_uncaught()
     log = structlog.get_logger("edge.daemon")
+    if not no_core:
+        log.warning("core_dumps_not_disabled", hint="set LimitCORE=0 in the unit or ulimit -c 0")
     try:
         asyncio.run(run_daemon(cfg, config_path))
     except StartupError as exc:

@@ -7,6 +7,12 @@ identifier-shaped substring (MAC, NFC UID, card-like digit run, e-mail, phone) b
 `[redacted:<kind>]`, and bytes values become `<bytes>`. Our code never logs raw
 identifiers in the first place; this is defence in depth for the day something does.
 Exceptions are formatted to text before scrubbing (tracebacks contain values too).
+
+Libraries whose DEBUG lines print what they receive (zeroconf: every mDNS packet on the
+store's LAN, phone names included; bleak and dbus-fast: device paths and advertisement
+bytes; nfcpy: tag IDs) are held at INFO or above whatever the configured level.
+`capture_uncaught` (`edge run` calls it) routes uncaught exceptions of the main
+and other threads, and warnings, through the same scrubbed handler instead of raw stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -32,6 +40,8 @@ _LEVELS = {
     "critical": logging.CRITICAL,
 }
 _MAX_DEPTH = 4
+# third-party loggers whose DEBUG output carries raw packets, device paths or tag IDs
+CHATTY_LIBRARIES = ("zeroconf", "bleak", "dbus_fast", "nfc")
 
 
 def _scrub(v: Any, depth: int) -> Any:
@@ -126,6 +136,8 @@ def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) 
             root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(lvl)
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(lvl, logging.INFO))
 
     structlog.configure(
         processors=[
@@ -140,3 +152,32 @@ def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) 
         # whatever configuration was active at their first use
         cache_logger_on_first_use=False,
     )
+
+
+def capture_uncaught() -> None:
+    """Uncaught exceptions (main thread and others) and warnings go through the scrubbed
+    handler as `uncaught_exception` / `thread_exception` / py.warnings lines, instead of
+    Python printing them, values and all, to stderr (the journal).
+
+    For a process that owns its whole run and logs to the journal (`edge run`); the demo
+    keeps Python's traceback on the terminal (simulated identifiers only); test runners
+    keep their own hooks.
+    """
+    log = structlog.get_logger("edge.uncaught")
+
+    def excepthook(typ: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(typ, KeyboardInterrupt):
+            sys.__excepthook__(typ, value, tb)  # no values in it: keep Python's short message
+            return
+        log.critical("uncaught_exception", exc_info=(typ, value, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+        log.error("thread_exception", thread=name, exc_info=exc_info)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+    logging.captureWarnings(True)

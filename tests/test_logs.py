@@ -11,13 +11,16 @@ import io
 import json
 import logging
 import re
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
 
-from edge.logs import configure_logging, scrub_identifiers
+from edge.logs import capture_uncaught, configure_logging, scrub_identifiers
 
 RAW = {
     "mac": "aa:bb:cc:dd:ee:ff",
@@ -188,3 +191,48 @@ def test_scrub_processor_handles_odd_values() -> None:
         "d": 1.5,
         "e": ["[redacted:email]"],
     }
+
+
+def test_chatty_libraries_stay_at_info_even_at_debug() -> None:
+    """zeroconf logs every mDNS packet of the LAN at DEBUG (phone names included); bleak,
+    dbus-fast and nfcpy print device paths, advertisement bytes and tag IDs there."""
+    buf = io.StringIO()
+    configure_logging("debug", "json", buf)
+    try:
+        logging.getLogger("zeroconf").debug("Received from %r: %r", "192.168.1.23", b"Alices-iPhone")
+        logging.getLogger("nfc.clf").debug("found tag")
+        logging.getLogger("edge.test").debug("own_debug_line")
+        assert [x["event"] for x in lines(buf)] == ["own_debug_line"]
+        assert logging.getLogger("bleak").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("dbus_fast").getEffectiveLevel() == logging.INFO
+    finally:
+        for name in ("zeroconf", "bleak", "dbus_fast", "nfc"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_uncaught_exceptions_and_warnings_are_scrubbed() -> None:
+    """The daemon's uncaught exceptions (any thread) and warnings reach the journal through
+    the scrubbed handler, not as Python's raw traceback on stderr."""
+    saved = sys.excepthook, threading.excepthook
+    buf = io.StringIO()
+    configure_logging("info", "json", buf)
+    try:
+        capture_uncaught()
+        exc = ValueError(f"bad tag {RAW['nfc']} for {RAW['email']}")
+        sys.excepthook(ValueError, exc, exc.__traceback__)
+        thread = threading.Thread(target=lambda: int(RAW["phone"]), name="worker")
+        thread.start()
+        thread.join()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"odd value {RAW['mac']}", UserWarning, stacklevel=1)
+    finally:
+        sys.excepthook, threading.excepthook = saved
+        logging.captureWarnings(False)
+    out = lines(buf)
+    assert [x["event"] for x in out][:2] == ["uncaught_exception", "thread_exception"]
+    assert out[1]["thread"] == "worker"
+    assert "ValueError" in out[0]["exception"]
+    assert "ValueError" in out[1]["exception"]
+    assert any("UserWarning" in x["event"] for x in out[2:])
+    assert_no_raw(buf.getvalue())

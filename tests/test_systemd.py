@@ -139,6 +139,16 @@ def test_unit_runs_as_a_dedicated_user_with_hardening_and_only_serial_and_usb_de
     assert set(values(unit, "DeviceAllow")) == {"char-ttyUSB rw", "char-ttyACM rw", "char-usb_device rw"}
 
 
+def test_unit_forbids_core_dumps_of_a_process_holding_raw_identifiers() -> None:
+    """LimitCORE=0, exactly once: a missed watchdog (SIGABRT) must not write the daemon's memory
+    (raw BLE addresses, NFC UIDs, unscrubbed POS lines) to disk. tests/test_coredump.py checks
+    that `edge run` also sets the limit itself."""
+    unit = SYSTEMD / "edge.service"
+    assert values(unit, "WatchdogSec")  # the reason it matters: the watchdog kills with SIGABRT
+    assert values(unit, "LimitCORE") == ["0"]
+    assert [s for s, k, _ in directives(unit) if k == "LimitCORE"] == ["Service"]
+
+
 # -- udev and D-Bus --------------------------------------------------------------------------------
 
 _UDEV_TOKEN = re.compile(r'^\s*([A-Z_]+(?:\{[^}]+\})?)\s*(==|!=|\+=|-=|:=|=)\s*"([^"]*)"\s*$')
