@@ -100,6 +100,9 @@ def test_a_card_number_given_as_another_identifier_is_dropped(cls: Any, raw: str
         ("loyalty_id", "4006381333931"),  # 13 digits, not Luhn-valid
         ("loyalty_id", "LOY-1234-5678-9012"),  # 12 digits
         ("phone", "+49 30 1234567"),
+        ("phone", "+49 157 36625851"),  # 13 digits and Luhn-valid, but a phone number by its "+"
+        ("phone", "0049 157 36625 00"),  # Luhn-valid digits too
+        ("phone", "(0157) 366258505"),  # Luhn-valid digits too
         ("nfc_uid", "04123456789012"),  # a hardware id: digits only, and Luhn-valid; not a card
         ("ble_address", MAC),
     ],

@@ -34,12 +34,14 @@ _DIGIT_GROUP = re.compile(r"[0-9]+")
 _SEPARATORS = str.maketrans("", "", " \t-")
 _NON_DIGITS = re.compile(r"[^0-9]+")
 # Unicode spellings of card digits and separators, one character for one (offsets keep):
-# full-width digits; no-break, figure, thin and narrow no-break spaces; Unicode hyphens/dashes
+# full-width digits; no-break, figure, thin, narrow no-break and ideographic spaces; Unicode
+# hyphens, dashes, the minus sign and the full-width hyphen-minus
 _TO_ASCII = {
     **{0xFF10 + d: chr(48 + d) for d in range(10)},
-    **dict.fromkeys((0x00A0, 0x2007, 0x2009, 0x202F), " "),
-    **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013), "-"),
+    **dict.fromkeys((0x00A0, 0x2007, 0x2009, 0x202F, 0x3000), " "),
+    **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2014, 0x2212, 0xFF0D), "-"),
 }
+_WIDE = re.compile("[" + "".join(map(chr, _TO_ASCII)) + "]")  # does a text need _TO_ASCII?
 
 _EMAIL = re.compile(
     # no lookbehind on purpose: a local part longer than 64 still loses its last 64 and domain
@@ -155,7 +157,7 @@ def scrub_cards(text: str) -> tuple[str, int]:
     """Replace every Luhn-valid 13-19 digit card number in `text` by `[card]`; return the count."""
     if len(text) < 13:
         return text, 0
-    probe = text if text.isascii() else text.translate(_TO_ASCII)  # same length as text
+    probe = text if text.isascii() or not _WIDE.search(text) else text.translate(_TO_ASCII)  # same length
     if _RUN13 not in probe.encode("utf-8", "surrogatepass").translate(_RUN_CHARS):
         return text, 0
     pos = 0
@@ -202,10 +204,18 @@ def scrub_text(text: str, pz: Pseudonymizer) -> str:
 
 
 _HEX2 = "[0-9A-Fa-f]{2}"
-_D = "[0-9\uff10-\uff19]"  # a digit, ASCII or full-width
+_HEXY = frozenset({"hex_id", "hex_bytes"})  # redacted only with a letter a-f beyond "0x"
+_HEX_LETTER = re.compile(r"[A-Fa-f]")
 IDENTIFIER_PATTERNS: dict[str, re.Pattern[str]] = {
-    # a bytes literal in a message or traceback (b'\x04\xa1...'): device bytes, shown raw
-    "bytes": re.compile(r"""(?<![A-Za-z0-9_])b(?:'(?:[^'\\\n]|\\.){1,512}'|"(?:[^"\\\n]|\\.){1,512}")"""),
+    # a bytes literal in a message or traceback (b'\x04\xa1...'): device bytes, shown raw; to
+    # its closing quote, or to the end of the line when it has none (a repr cut short)
+    "bytes": re.compile(r"""(?<![A-Za-z0-9_])b(?:'(?:[^'\\\n]|\\.)*'?|"(?:[^"\\\n]|\\.)*"?)"""),
+    # a tag or device id after its label, as nfcpy and other libraries print them
+    # ("Type2Tag 'NTAG215' ID=04A1B2C3", "IDm=01010501B00AC30B", "uid 0x04a1b2c3"): 4-10 bytes
+    "tag_id": re.compile(
+        r"(?<![A-Za-z0-9_])(?:ID|UID|uid|IDm|PMm|NFCID[0-9]?|nfcid[0-9]?)(?:=| ?: ?| )(?:0x)?"
+        r"[0-9A-Fa-f]{8,20}(?![0-9A-Za-z])"
+    ),
     # 7- or 10-byte NFC UID written with separators (before "mac": longer wins)
     "nfc_uid": re.compile(
         rf"(?<![0-9A-Fa-f]){_HEX2}([:-]){_HEX2}(?:\1{_HEX2}){{8}}(?![0-9A-Fa-f])"
@@ -218,18 +228,21 @@ IDENTIFIER_PATTERNS: dict[str, re.Pattern[str]] = {
         rf"|(?<![0-9A-Fa-f]){_HEX2}_{_HEX2}(?:_{_HEX2}){{4}}(?![0-9A-Fa-f])"
         r"|(?<![0-9A-Fa-f.])[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}(?![0-9A-Fa-f.])"
     ),
-    # a MAC (6 bytes) or NFC UID (7 or 10 bytes) without separators, as nfcpy prints a tag
-    # ("ID=04A1B2C3D4E5F6"): exactly 12, 14 or 20 hex digits, at least one of them a letter
-    # (an all-digit run is a number: counts, times); pieces of longer tokens (hashes, UUIDs) stay
+    # a MAC (6 bytes) or NFC UID (7 or 10 bytes) without separators ("04A1B2C3D4E5F6"):
+    # exactly 12, 14 or 20 hex digits, or 8-20 after "0x"; pieces of longer tokens (hashes,
+    # UUIDs) stay, and so does a run without a letter a-f (a number: counts, times; see _HEXY)
     "hex_id": re.compile(
-        r"(?<![0-9A-Za-z_-])(?=[0-9]{0,19}[A-Fa-f])"
-        r"(?:[0-9A-Fa-f]{20}|[0-9A-Fa-f]{14}|[0-9A-Fa-f]{12})(?![0-9A-Za-z_-])"
+        r"(?<![0-9A-Za-z_-])(?:[0-9A-Fa-f]{20}|[0-9A-Fa-f]{14}|[0-9A-Fa-f]{12}|0x[0-9A-Fa-f]{8,20})"
+        r"(?![0-9A-Za-z_-])"
     ),
-    # six or more hex bytes separated by single spaces ("04 a1 b2 c3 d4 e5 f6": a hex dump)
+    # six or more hex bytes separated by single spaces ("04 a1 b2 c3 d4 e5 f6": a hex dump;
+    # with a letter a-f, see _HEXY: "12 34 56 78 90 12" is a list of numbers)
     "hex_bytes": re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){5,}(?![0-9A-Fa-f])"),
-    # 13 or more digits with optional single separators, as `scrub_cards` reads them, but no
-    # Luhn check (defence in depth: a longer run may hide a card number next to other digits)
-    "card": re.compile(rf"(?<!{_D}){_D}(?:(?:[ \t\u00a0\u2007\u2009\u202f\u2010-\u2013-]| - )?{_D}){{12,}}"),
+    # 13 or more ASCII digits with optional single space/dash separators, no Luhn check
+    # (defence in depth: a longer run may hide a card number next to other digits); the other
+    # spellings `scrub_cards` reads (tabs, " - ", Unicode spaces, full-width digits) are
+    # redacted by it, Luhn-checked, before these patterns run: date and id ranges stay readable
+    "card": re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,}"),
     "email": _EMAIL,
     "phone": _PHONE,
 }
@@ -248,6 +261,23 @@ def redact_identifiers(text: str) -> str:
     """Every identifier-shaped substring becomes `[redacted:<kind>]` (for log lines)."""
     if len(text) < 6:  # shorter than the shortest pattern ("a@b.de")
         return text
+    text, cards = scrub_cards(text)
+    if cards:
+        text = text.replace(CARD, "[redacted:card]")
     for kind, pattern in IDENTIFIER_PATTERNS.items():
-        text = pattern.sub(f"[redacted:{kind}]", text)
+        marker = f"[redacted:{kind}]"
+        text = pattern.sub(_HexIfLetter(marker) if kind in _HEXY else marker, text)
     return text
+
+
+class _HexIfLetter:
+    """Replacement that redacts a hex match only when it holds a letter a-f (after "0x")."""
+
+    __slots__ = ("marker",)
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, m: re.Match[str]) -> str:
+        found = m.group()
+        return self.marker if _HEX_LETTER.search(found.removeprefix("0x")) else found
