@@ -136,8 +136,9 @@ def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) 
             root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(lvl)
-    for name in CHATTY_LIBRARIES:
-        logging.getLogger(name).setLevel(max(lvl, logging.INFO))
+    for name in CHATTY_LIBRARIES:  # at INFO or above; a stricter level set before stays
+        lib = logging.getLogger(name)
+        lib.setLevel(max(lvl, logging.INFO, lib.level))
 
     structlog.configure(
         processors=[
@@ -155,8 +156,9 @@ def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) 
 
 
 def capture_uncaught() -> None:
-    """Uncaught exceptions (main thread and others) and warnings go through the scrubbed
-    handler as `uncaught_exception` / `thread_exception` / py.warnings lines, instead of
+    """Uncaught exceptions (main thread and others), unraisable ones (raised in `__del__`,
+    finalizers) and warnings go through the scrubbed handler as `uncaught_exception` /
+    `thread_exception` / `unraisable_exception` / py.warnings lines, instead of
     Python printing them, values and all, to stderr (the journal).
 
     For a process that owns its whole run and logs to the journal (`edge run`); the demo
@@ -178,6 +180,14 @@ def capture_uncaught() -> None:
         exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
         log.error("thread_exception", thread=name, exc_info=exc_info)
 
+    def unraisablehook(u: sys.UnraisableHookArgs) -> None:  # e.g. an error in a __del__
+        exc_info = (u.exc_type, u.exc_value or u.exc_type(), u.exc_traceback)
+        log.error("unraisable_exception", message=u.err_msg or "", exc_info=exc_info)
+
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook
+    sys.unraisablehook = unraisablehook
+    # off, then on: nfcpy turns capturing on at import, and a test runner may have swapped
+    # warnings.showwarning since, which would leave "on" pointing at someone else's hook
+    logging.captureWarnings(False)
     logging.captureWarnings(True)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import structlog
 
-from edge.logs import capture_uncaught, configure_logging, scrub_identifiers
+from edge.logs import CHATTY_LIBRARIES, capture_uncaught, configure_logging, scrub_identifiers
 
 RAW = {
     "mac": "aa:bb:cc:dd:ee:ff",
@@ -37,7 +37,10 @@ def restore_logging() -> Iterator[None]:
     """configure_logging changes process-wide state; put it back after each test."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    libs = {name: logging.getLogger(name).level for name in CHATTY_LIBRARIES}
     yield
+    for name, lib_level in libs.items():
+        logging.getLogger(name).setLevel(lib_level)
     for h in list(root.handlers):
         if h not in handlers:
             root.removeHandler(h)
@@ -197,23 +200,31 @@ def test_chatty_libraries_stay_at_info_even_at_debug() -> None:
     """zeroconf logs every mDNS packet of the LAN at DEBUG (phone names included); bleak,
     dbus-fast and nfcpy print device paths, advertisement bytes and tag IDs there."""
     buf = io.StringIO()
+    for name in CHATTY_LIBRARIES:  # whatever earlier tests left (the fixture restores it)
+        logging.getLogger(name).setLevel(logging.NOTSET)
     configure_logging("debug", "json", buf)
-    try:
-        logging.getLogger("zeroconf").debug("Received from %r: %r", "192.168.1.23", b"Alices-iPhone")
-        logging.getLogger("nfc.clf").debug("found tag")
-        logging.getLogger("edge.test").debug("own_debug_line")
-        assert [x["event"] for x in lines(buf)] == ["own_debug_line"]
-        assert logging.getLogger("bleak").getEffectiveLevel() == logging.INFO
-        assert logging.getLogger("dbus_fast").getEffectiveLevel() == logging.INFO
-    finally:
-        for name in ("zeroconf", "bleak", "dbus_fast", "nfc"):
-            logging.getLogger(name).setLevel(logging.NOTSET)
+    logging.getLogger("zeroconf").debug("Received from %r: %r", "192.168.1.23", b"Alices-iPhone")
+    logging.getLogger("nfc.clf").debug("found tag")
+    logging.getLogger("edge.test").debug("own_debug_line")
+    assert [x["event"] for x in lines(buf)] == ["own_debug_line"]
+    assert logging.getLogger("bleak").getEffectiveLevel() == logging.INFO
+    assert logging.getLogger("dbus_fast").getEffectiveLevel() == logging.INFO
+
+
+def test_a_stricter_level_on_a_chatty_library_stays() -> None:
+    logging.getLogger("zeroconf").setLevel(logging.ERROR)
+    configure_logging("debug", "json", io.StringIO())
+    assert logging.getLogger("zeroconf").level == logging.ERROR
 
 
 def test_uncaught_exceptions_and_warnings_are_scrubbed() -> None:
-    """The daemon's uncaught exceptions (any thread) and warnings reach the journal through
-    the scrubbed handler, not as Python's raw traceback on stderr."""
-    saved = sys.excepthook, threading.excepthook
+    """The daemon's uncaught exceptions (any thread, and in finalizers) and warnings reach the
+    journal through the scrubbed handler, not as Python's raw traceback on stderr."""
+    saved = sys.excepthook, threading.excepthook, sys.unraisablehook
+
+    class Finalizer:
+        def __del__(self) -> None:
+            raise ValueError(f"closing {RAW['card']}")
     buf = io.StringIO()
     configure_logging("info", "json", buf)
     try:
@@ -223,16 +234,19 @@ def test_uncaught_exceptions_and_warnings_are_scrubbed() -> None:
         thread = threading.Thread(target=lambda: int(RAW["phone"]), name="worker")
         thread.start()
         thread.join()
+        obj = Finalizer()
+        del obj  # CPython finalizes at once: its error goes to sys.unraisablehook
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn(f"odd value {RAW['mac']}", UserWarning, stacklevel=1)
     finally:
-        sys.excepthook, threading.excepthook = saved
+        sys.excepthook, threading.excepthook, sys.unraisablehook = saved
         logging.captureWarnings(False)
     out = lines(buf)
-    assert [x["event"] for x in out][:2] == ["uncaught_exception", "thread_exception"]
+    assert [x["event"] for x in out][:3] == ["uncaught_exception", "thread_exception", "unraisable_exception"]
+    assert "ValueError" in out[2]["exception"]
     assert out[1]["thread"] == "worker"
     assert "ValueError" in out[0]["exception"]
     assert "ValueError" in out[1]["exception"]
-    assert any("UserWarning" in x["event"] for x in out[2:])
+    assert any("UserWarning" in x["event"] for x in out[3:])
     assert_no_raw(buf.getvalue())
