@@ -324,7 +324,9 @@ async def real_path(state: Path, n: int) -> dict[str, Any]:
 
 def run_child(state: Path, n: int) -> dict[str, Any]:
     """(b) in a fresh interpreter, so nothing else this process allocated counts."""
-    KeyStore(_config(state).paths.keys_dir, SystemClock()).init()  # as `edge keys init` does, once per device
+    keys = KeyStore(_config(state).paths.keys_dir, SystemClock())
+    if not keys.exists():  # as `edge keys init` does, once per device
+        keys.init()
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--events", str(n), "--state", str(state)],
         check=True, capture_output=True, text=True,

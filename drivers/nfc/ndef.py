@@ -37,7 +37,8 @@ _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]{0,15}):")
 # a BCP 47-like language tag: a 2-3 letter language, then up to three subtags of 2-8 letters
 # or digits (script, region, variant: "en", "de-DE", "zh-Hant-TW", "es-419"); see _language
 _LANG = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8}){0,3}$")
-_LANG_MAX_DIGITS = 3  # a UN M.49 region ("419") is the only number a real tag needs
+_LANG_MAX_DIGITS = 3  # a UN M.49 region ("es-419"); registered 4-digit variants ("de-1996",
+# "de-CH-1901") become "?" too: the safe side, as a tag's author may write any digits there
 _EXTERNAL = re.compile(r"^[a-z0-9.:_-]{1,64}$")
 
 
