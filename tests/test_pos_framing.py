@@ -378,3 +378,22 @@ def test_framers_never_raise_stay_bounded_and_ignore_chunking(data: bytes, cuts:
                 assert o.data in (b"\x06", b"\x15")
         split.reset()
         assert split.buffered == 0
+
+
+def test_escpos_holds_a_receipt_and_its_open_line_within_max_frame_in_any_chunking() -> None:
+    """The receipt so far and its unfinished line together stay within max_frame (a probe of
+    a suspect payload may hold as much again, plus unfinished command headers): fed 1 MiB of
+    seeded noise in chunks of 1 byte to 64 KiB, `buffered` never passes 2 * (max_frame + 16),
+    and without noise payloads (only text, no control bytes) never passes max_frame."""
+    rng = random.Random(6)
+    noise = rng.randbytes(1 << 20)
+    text = bytes(rng.choice(b"ABCDEFGH 0123456789") for _ in range(1 << 18))
+    for chunk in (1, 7, 64, 1000, 4096, 65536):
+        f = EscPosFramer(max_frame=4096)
+        for i in range(0, len(noise) if chunk > 1 else 1 << 18, chunk):
+            f.feed(noise[i : i + chunk])
+            assert f.buffered <= 2 * (4096 + 16), chunk
+        g = EscPosFramer(max_frame=4096)
+        for i in range(0, len(text), chunk):
+            g.feed(text[i : i + chunk] + (b"\n" if i % 3 else b""))
+            assert g.buffered <= 4096, chunk

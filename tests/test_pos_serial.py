@@ -183,7 +183,9 @@ async def test_garbage_and_oversize_are_counted_and_logged_without_content(peer:
 
 async def test_a_flood_keeps_memory_bounded_and_the_link_up(peer: PosPeer) -> None:
     """4 MiB of random bytes on an ESC/POS tap (no cut), then a real receipt: memory held
-    never exceeds max_frame plus a command header, the receipt still arrives."""
+    stays within the framer's bound (the receipt and its open line within max_frame, as much
+    again for a probe of a suspect payload, plus command headers; test_pos_framing checks it
+    after every chunk), and the receipt still arrives."""
     link = serial_link(peer, framing="escpos", max_frame=4096)
     driver = PosDriver(link, FakeClock(), backoff=FAST)
     backend = driver.backend
@@ -204,7 +206,7 @@ async def test_a_flood_keeps_memory_bounded_and_the_link_up(peer: PosPeer) -> No
         while "Receipt: 77" not in got[-1].text["receipt"]:
             got.append(await pump.next())
         assert (driver.status()["state"], driver.status()["errors"]) == ("running", 0)
-    assert peak <= 4096 + 16
+    assert peak <= 2 * (4096 + 16)
 
 
 async def test_a_slow_consumer_pauses_reading_and_loses_nothing(peer: PosPeer) -> None:

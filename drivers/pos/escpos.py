@@ -24,8 +24,9 @@ the receipts after it. So a payload skip
 Noise text is not a receipt: a "receipt" holding many stray control bytes or bad commands
 and mostly non-ASCII text (see `_Junk`) is counted `noise` when a cut-like byte pair ends
 it or an ESC @ follows it (the next real receipt then starts clean).
-Only the receipt so far (at most `max_frame`, twice while probing) and a few bytes of an
-unfinished command header are held; payloads are skipped as they stream by.
+Only the receipt so far, its unfinished line included (at most `max_frame` together; twice
+while probing) and a few bytes of an unfinished command header are held; payloads are
+skipped as they stream by.
 """
 
 from __future__ import annotations
@@ -426,7 +427,9 @@ class EscPosFramer:
             self._junk = _Junk()
 
     def _text(self, chunk: bytes | bytearray) -> None:
-        if self._line_size + len(chunk) > self._max:  # one line longer than a whole receipt
+        if self._receipt.size + self._line_size + len(chunk) > self._max:
+            # the receipt with this line would pass its bound: it is oversize now, and the
+            # line is not held beside a full receipt (receipt and line stay within max_frame)
             self._receipt.spill(self._line_size + len(chunk))
             self._seg.clear()
             self._parts.clear()
