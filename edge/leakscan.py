@@ -75,16 +75,21 @@ class Finding:
         return f"{self.path}: {self.needle}"
 
 
-def scan(paths: Iterable[Path], needles: list[Needle]) -> list[Finding]:
-    """Files (folders are walked) containing any needle; case-sensitive byte search."""
-    found: list[Finding] = []
+def files_under(paths: Iterable[Path]) -> list[Path]:
+    """The files among `paths`, folders walked (sorted); paths that do not exist are skipped."""
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
             files.extend(q for q in sorted(p.rglob("*")) if q.is_file())
         elif p.is_file():
             files.append(p)
-    for f in files:
+    return files
+
+
+def scan(paths: Iterable[Path], needles: list[Needle]) -> list[Finding]:
+    """Files (folders are walked) containing any needle; case-sensitive byte search."""
+    found: list[Finding] = []
+    for f in files_under(paths):
         try:
             data = f.read_bytes()
         except OSError:

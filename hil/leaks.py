@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.events import IdentClass
-from edge.leakscan import Finding, Needle, needles_for
+from edge.leakscan import Finding, Needle, files_under, needles_for
 
 _B = 0x100000001B3  # odd, so it has an inverse mod 2**64
 _M = 1 << 64
@@ -69,14 +69,8 @@ def scan(paths: Iterable[Path], found: list[Needle]) -> list[Finding]:
     index = _Index(found)
     if not index.by_len:
         return []
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(q for q in sorted(p.rglob("*")) if q.is_file())
-        elif p.is_file():
-            files.append(p)
     out: list[Finding] = []
-    for f in files:
+    for f in files_under(paths):
         try:
             data = f.read_bytes()
         except OSError:
