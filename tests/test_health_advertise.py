@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.netns import namespace_prefix
 
 from edge import __version__
 from edge.advertise import SERVICE_TYPE, service_info
@@ -74,20 +74,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def namespace_prefix() -> list[str] | None:
-    """A command prefix running its argument in a fresh network namespace with multicast loopback."""
-    unshare, ip = shutil.which("unshare"), shutil.which("ip") or "/usr/sbin/ip"
-    if unshare is None or not os.access(ip, os.X_OK):
-        return None
-    setup = f"{ip} link set lo up && {ip} link set lo multicast on && exec \"$@\""
-    for flags in (["-n"], ["-rn"]):
-        probe = subprocess.run([unshare, *flags, "sh", "-c", setup, "sh", "true"],
-                               capture_output=True, timeout=10, check=False)
-        if probe.returncode == 0:
-            return [unshare, *flags, "sh", "-c", setup, "sh"]
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import asyncio
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from uplink_e2e import (
     capture,
     check_chain,
     events_of,
+    eventually,
     received_ids,
     receiver_yaml,
 )
@@ -105,15 +105,6 @@ def _keys(state: Path) -> bytes:
     return ks.public_key()
 
 
-async def _until(cond: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 async def test_sigkilled_daemon_loses_nothing_resends_identical_bytes_and_keeps_the_chain(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
@@ -167,7 +158,7 @@ async def test_sigkilled_daemon_loses_nothing_resends_identical_bytes_and_keeps_
                 s = read_stats(state / "buffer.db")
                 return s.batches_pending == 0 and not any(b.events for b in s.backlog.values())
 
-            assert await _until(drained, 60), daemon.log_tail()
+            assert await eventually(drained, 60), daemon.log_tail()
             assert daemon.terminate() == 0, daemon.log_tail()
             assert "component_stop_failed" not in daemon.log_tail()  # a clean stop, not a forced one
             assert "uplink_stop_forced" not in daemon.log_tail()

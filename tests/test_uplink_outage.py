@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.mosquitto import Mosquitto
+from uplink_e2e import eventually
 
 from edge.clock import SystemClock
 from edge.config import Config
@@ -40,14 +41,6 @@ def _config(state: Path, url: str, cloud_pub: str) -> Config:
         },
         "health": {"drain_timeout": "5s"},
     })  # fmt: skip
-
-
-async def _until(cond: object, seconds: float) -> bool:
-    for _ in range(int(seconds / 0.05)):
-        if callable(cond) and cond():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @pytest.mark.mosquitto
@@ -80,15 +73,15 @@ async def test_broker_down_under_load_everything_arrives_once_chain_intact(
     stop = asyncio.Event()
     task = asyncio.create_task(sup.run(stop))
     try:
-        assert await _until(lambda: sup.runtime is not None and sup.runtime.components, 10)
+        assert await eventually(lambda: sup.runtime is not None and sup.runtime.components, 10)
         rt = sup.runtime
         assert rt is not None
         up = rt.components[0]
         assert isinstance(up, Uplink)
-        assert await _until(lambda: up.counters["acked"] >= 3, 15), up.status()
+        assert await eventually(lambda: up.counters["acked"] >= 3, 15), up.status()
 
         mosquitto.stop()  # the uplink goes down; drivers keep producing
-        assert await _until(lambda: up.state != "online", 10)
+        assert await eventually(lambda: up.state != "online", 10)
         committed_at_cut = rt.buffer.last_committed_id
         await asyncio.sleep(3)
         backlog = (await rt.buffer.stats()).to_json()
@@ -98,7 +91,7 @@ async def test_broker_down_under_load_everything_arrives_once_chain_intact(
         mosquitto.start()  # back on the same port; the device and receiver reconnect
         await asyncio.sleep(1.5)
         generated = await sup.stop_drivers()
-        assert await _until(lambda: up.counters["events_acked"] >= generated, 40), up.status()
+        assert await eventually(lambda: up.counters["events_acked"] >= generated, 40), up.status()
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

@@ -23,7 +23,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.certs import CertPaths
 from support.mosquitto import Mosquitto
-from uplink_e2e import EDGE, ROOT, capture, check_chain, received_ids
+from uplink_e2e import EDGE, ROOT, capture, check_chain, eventually, received_ids
 
 from edge.clock import SystemClock
 from edge.config import Config, Tls
@@ -56,15 +56,6 @@ def _doc(state: Path, broker: str, tls: dict[str, str], cloud_pub: str | None = 
         "health": {"enabled": False, "advertise": False, "drain_timeout": "5s"},
         "logging": {"level": "info", "format": "json"},
     }  # fmt: skip
-
-
-async def _until(cond: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 async def test_tls_with_client_certificates_delivers_everything_once_verified(
@@ -101,15 +92,15 @@ async def test_tls_with_client_certificates_delivers_everything_once_verified(
         async with capture(mosquitto_tls.host, mosquitto_tls.port) as cap:
             task = asyncio.create_task(sup.run(stop))
             try:
-                assert await _until(lambda: sup.runtime is not None and sup.runtime.components, 15)
+                assert await eventually(lambda: sup.runtime is not None and sup.runtime.components, 15)
                 rt = sup.runtime
                 assert rt is not None
                 up = rt.components[0]
                 assert isinstance(up, Uplink)
-                assert await _until(lambda: up.counters["events_acked"] >= 500, 20), up.status()
+                assert await eventually(lambda: up.counters["events_acked"] >= 500, 20), up.status()
                 assert up.broker == mosquitto_tls.tls_url
                 generated = await sup.stop_drivers()
-                assert await _until(lambda: up.counters["events_acked"] >= generated, 30), up.status()
+                assert await eventually(lambda: up.counters["events_acked"] >= generated, 30), up.status()
                 assert up.counters["acks_forged"] == 0
             finally:
                 stop.set()

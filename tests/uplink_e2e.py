@@ -226,3 +226,13 @@ def received_ids(out: Path) -> list[int]:
     if not out.exists():
         return []
     return [int(json.loads(ln)["id"]) for ln in out.read_text().splitlines() if ln.strip()]
+
+
+async def eventually(cond: Callable[[], object], seconds: float) -> bool:
+    """Whether `cond()` turns true within `seconds` (polled every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.05)
+    return False
