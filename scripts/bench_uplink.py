@@ -186,7 +186,12 @@ async def fill(cfg: Config, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def _uplink(sup: Supervisor) -> Uplink:
+async def _uplink(sup: Supervisor, task: asyncio.Task[None]) -> Uplink:
+    """The running supervisor's uplink, once it is up (the supervisor's error if it failed)."""
+    while sup.runtime is None or not sup.runtime.components:
+        if task.done():
+            await task
+        await asyncio.sleep(0.01)
     rt = sup.runtime
     up = rt.components[0] if rt is not None and rt.components else None
     if not isinstance(up, Uplink):
@@ -209,11 +214,7 @@ async def drain(cfg: Config, n: int, peers: dict[str, int]) -> dict[str, Any]:
     t0 = time.perf_counter()
     task = asyncio.create_task(sup.run(stop))
     try:
-        while sup.runtime is None or not sup.runtime.components:
-            if task.done():
-                await task
-            await asyncio.sleep(0.01)
-        up = _uplink(sup)
+        up = await _uplink(sup, task)
         last = time.perf_counter()
         while up.counters["events_acked"] < n:
             _check(up)
@@ -238,11 +239,7 @@ async def latency(cfg: Config, seconds: float) -> dict[str, Any]:
     stop = asyncio.Event()
     task = asyncio.create_task(sup.run(stop))
     try:
-        while sup.runtime is None or not sup.runtime.components:
-            if task.done():
-                await task
-            await asyncio.sleep(0.01)
-        up = _uplink(sup)
+        up = await _uplink(sup, task)
         while up.state != "online":  # noqa: ASYNC110 - polling a plain attribute, not an event
             await asyncio.sleep(0.01)
         online_ms = int(time.time() * 1000)
