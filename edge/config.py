@@ -6,6 +6,7 @@ is frozen. Loading with file/line error messages lives in `edge.configload`.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -193,9 +194,43 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`; a wildcard, a LAN address or another name is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything: treat it as reachable from outside
+
+
+class HealthTls(Model):
+    """The store page and metrics over HTTPS: a server certificate and its key (PEM)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> HealthTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+TOKEN_PATTERN = r"^[A-Za-z0-9._~+/=-]{16,128}$"  # noqa: S105 - the shape of a token, not one
+
+
 class Health(Model):
     enabled: bool = True
     listen: str = "127.0.0.1:9108"
+    # required by the page, its APIs and /metrics when `listen` is not loopback; when unset one
+    # is generated into paths.state_dir/web-token (mode 0600) and shown by `edge status`
+    token: str | None = Field(default=None, pattern=TOKEN_PATTERN)
+    tls: HealthTls = Field(default_factory=HealthTls)
     drain_timeout: Duration = Field(default=10.0, gt=0, le=300)
     # the watchdog is withheld (and /healthz says 503) after this long without pipeline progress
     stall_timeout: Duration = Field(default=60.0, gt=0, le=3600)

@@ -5,8 +5,8 @@ what is expected, e.g. `config/store.yaml:12: buffer.max_bytes: '12xb' is not va
 expected a size such as 512MiB, ...`. All problems are collected and raised together as
 one `ConfigError`; nothing else escapes `load_config`.
 
-Relative paths in paths.state_dir, paths.keys_dir, privacy.consent_file and uplink.tls.*
-are resolved against the config file's directory, so the working directory never matters.
+Relative paths in paths.state_dir, paths.keys_dir, privacy.consent_file, uplink.tls.* and
+health.tls.* are resolved against the config file's directory, so the working directory never matters.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from edge.config import ID_PATTERN, Config
+from edge.config import ID_PATTERN, TOKEN_PATTERN, Config, is_loopback
 from edge.errors import ConfigError
 from edge.units import format_duration, format_size, parse_duration, parse_size
 
@@ -148,6 +148,8 @@ def _describe(err: Any, where: str, root: yaml.Node, data: Any) -> Problem:
     value = err.get("input") if (value := _walk(data, loc)) is _NOTHING else value
     value = loc[-2] if loc[-1] == "[key]" else value
     shown = f"key {_show(value)}" if loc[-1] == "[key]" else _show(value)
+    if loc == ("health", "token"):
+        shown = "the token"  # a secret: never echoed, not even a wrong one
     return line, f"{where}:{line}: {_dotted(loc)}: {shown} is not valid: {_human(kind, msg, ctx, loc, value)}"
 
 
@@ -159,6 +161,9 @@ def _human(kind: str, msg: str, ctx: dict[str, Any], loc: Loc, value: Any) -> st
         out += f"; did you mean {close[0]!r}?" if close else ""
     elif kind == "string_pattern_mismatch" and ctx.get("pattern") == ID_PATTERN:
         out = "expected an id: 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
+    elif kind == "string_pattern_mismatch" and ctx.get("pattern") == TOKEN_PATTERN:
+        out = ("expected 16-128 characters of letters, digits and . _ ~ + / = - "
+               "(e.g. from: openssl rand -base64 24)")
     elif kind in _BOUNDS:
         bound, unit = next(iter(ctx.values())), _unit(_type_at(loc))
         shown = (f"{bound} bytes" + (f" ({format_size(bound)})" if bound >= 1024 else "") if unit == "size"
@@ -288,13 +293,15 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     def rel(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else Path(os.path.normpath(base / p))
 
-    tls = cfg.uplink.tls
+    tls, htls = cfg.uplink.tls, cfg.health.tls
     return cfg.model_copy(update={
         "paths": cfg.paths.model_copy(update={"state_dir": rel(cfg.paths.state_dir),
                                               "keys_dir": rel(cfg.paths.keys_dir)}),
         "privacy": cfg.privacy.model_copy(update={"consent_file": rel(cfg.privacy.consent_file)}),
         "uplink": cfg.uplink.model_copy(update={"tls": tls.model_copy(update={
             "ca_file": rel(tls.ca_file), "cert_file": rel(tls.cert_file), "key_file": rel(tls.key_file)})}),
+        "health": cfg.health.model_copy(update={"tls": htls.model_copy(update={
+            "cert_file": rel(htls.cert_file), "key_file": rel(htls.key_file)})}),
     })
 
 
@@ -328,10 +335,21 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"{pad}{', '.join(classes[3:])}",
         f"{pad}ephemeral rotation {format_duration(p.ephemeral_rotation)}; "
         f"consent file {p.consent_file or 'none'}",
-        f"health     http://{cfg.health.listen}" if cfg.health.enabled else "health     disabled",
+        _health_line(cfg),
         f"logging    {cfg.logging.level}, format {cfg.logging.format}",
     ]
     return "\n".join(lines)
+
+
+def _health_line(cfg: Config) -> str:
+    h = cfg.health
+    if not h.enabled:
+        return "health     disabled"
+    scheme = "https" if h.tls.enabled else "http"
+    host, _ = h.address()
+    access = ("local only, no token" if is_loopback(host)
+              else "token from config" if h.token else "token in state dir (edge status shows it)")
+    return f"health     {scheme}://{h.listen} (page /, /metrics, /healthz; {access})"
 
 
 def _on(backend: str, device: str | None, rate: float) -> str:

@@ -24,7 +24,9 @@ from edge.notify import Notifier, ServiceLink
 from edge.supervisor import ComponentFactory, Supervisor, install_signal_handlers
 
 
-def components_for(cfg: Config, liveness: Liveness | None = None) -> list[ComponentFactory]:
+def components_for(
+    cfg: Config, liveness: Liveness | None = None, config_path: str | None = None
+) -> list[ComponentFactory]:
     """The optional components after the pipeline, in start order: uplink, health, advertise."""
     factories: list[ComponentFactory] = []
     if cfg.uplink.enabled:
@@ -34,7 +36,7 @@ def components_for(cfg: Config, liveness: Liveness | None = None) -> list[Compon
     if cfg.health.enabled and liveness is not None:
         from edge.health import health_component
 
-        factories.append(health_component(liveness))
+        factories.append(health_component(liveness, config_path))
     if cfg.health.advertise:
         from edge.advertise import advertise_component
 
@@ -52,7 +54,7 @@ async def run_daemon(
     link = ServiceLink(notifier, clock, liveness, stop, drain_timeout=cfg.health.drain_timeout)
     install_signal_handlers(stop, on_signal=link.on_signal)
     sup = Supervisor(
-        cfg, clock, components=components_for(cfg, liveness), config_path=config_path, on_ready=link.ready
+        cfg, clock, components=components_for(cfg, liveness, config_path), config_path=config_path, on_ready=link.ready
     )
     try:
         await sup.run(stop)

@@ -1,11 +1,10 @@
-"""Health and metrics: `Liveness` (is the pipeline making progress?), the STATUS= line, and a
-small HTTP endpoint on the daemon's event loop: `/metrics` (Prometheus exposition through
-prometheus-client) and `/healthz` (200 ok / 503 with reasons, JSON).
+"""Health and metrics: `Liveness` (is the pipeline making progress?), the STATUS= line, the
+Prometheus families of `/metrics` (through prometheus-client) and the `/healthz` document
+(200 ok / 503 with reasons, JSON). The HTTP side (aiohttp, with the store page) lives in
+edge/web/server.py; what is healthy is decided here, apart from how it is served.
 
-The endpoint runs on the event loop on purpose: if the loop is wedged, `/healthz` does not
-answer either. It binds `health.listen` (127.0.0.1:9108 by default: local only; scrape it
-through an SSH tunnel or a local agent). A port that cannot be bound is logged and shown in
-`edge status`, but does not stop the daemon: collecting data matters more than metrics.
+The endpoint binds `health.listen` (127.0.0.1:9108 by default: local only; scrape it through
+an SSH tunnel or a local agent, or bind it wider with a token and TLS, edge/web/access.py).
 
 What the metrics read: the buffer's `stats()` (backlog per source, oldest unsent, batches,
 drops per source and reason, last ack), the pipeline's accepted/rejected counters per
@@ -17,9 +16,7 @@ are all from configuration or code.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,8 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -47,14 +42,11 @@ from edge.units import format_duration, format_size
 
 if TYPE_CHECKING:
     from edge.supervisor import Runtime
+    from edge.web.server import HealthServer
 
 log = structlog.get_logger("edge.health")
 
 STATS_TIMEOUT = 2.0  # seconds a scrape or STATUS= line waits for buffer stats before using the last ones
-REQUEST_TIMEOUT = 5.0  # seconds a client gets to send its request
-MAX_CONNECTIONS = 8
-MAX_HEADER_LINES = 64
-LINE_LIMIT = 8192
 DRIVER_STATES = ("starting", "running", "degraded", "stopped")
 UPLINK_STATES = ("starting", "connecting", "online", "backoff", "stopped")
 
@@ -348,122 +340,13 @@ def health_doc(s: Snapshot) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ server
 
 
-class HealthServer:
-    """The `health` component: HTTP on the event loop, `/metrics` and `/healthz`."""
-
-    name = "health"
-
-    def __init__(self, rt: Runtime, liveness: Liveness) -> None:
-        self._rt = rt
-        self._liveness = liveness
-        self._collector = EdgeCollector()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self._collector)
-        # not ProcessCollector: it needs /proc/stat, which the unit hides (ProcSubset=pid)
-        for extra in (PlatformCollector, GCCollector):
-            extra(registry=self.registry)
-        self._server: asyncio.Server | None = None
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
-        self._last_stats: BufferStats | None = None
-        self.state = "starting"
-        self.listen: str | None = None
-        self.error: str | None = None
-        self.requests = 0
-
-    async def start(self) -> None:
-        cfg = self._rt.cfg.health
-        try:
-            host, port = cfg.address()
-            self._server = await asyncio.start_server(self._handle, host, port, limit=LINE_LIMIT)
-        except (OSError, ValueError) as exc:
-            self.state, self.error = "failed", str(exc)
-            log.error("health_listen_failed", listen=cfg.listen, error=str(exc),
-                      hint="another process holds the port? set health.listen (port 0 picks a free one)")
-            return
-        sock = self._server.sockets[0].getsockname()
-        self.listen = f"[{sock[0]}]:{sock[1]}" if ":" in sock[0] else f"{sock[0]}:{sock[1]}"
-        self.state = "listening"
-        log.info("health_listening", listen=self.listen, metrics=f"http://{self.listen}/metrics")
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                await bounded(self._server.wait_closed(), 2.0)
-        self.state = "stopped"
-
-    def status(self) -> dict[str, Any]:
-        return {"state": self.state, "listen": self.listen, "error": self.error, "requests": self.requests}
-
-    async def snapshot(self) -> Snapshot:
-        snap = await take_snapshot(self._rt, self._liveness, self._last_stats)
-        self._last_stats = snap.stats
-        return snap
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._slots.locked():  # busy: refuse rather than queue (local scrapers retry)
-            writer.close()
-            return
-        async with self._slots:
-            try:
-                async with asyncio.timeout(REQUEST_TIMEOUT):
-                    status, ctype, body, head = await self._respond(reader)
-                    await self._write(writer, status, ctype, b"" if head else body, len(body))
-            except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
-                pass  # a slow, oversized or vanished client: just close
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[str, str, bytes, bool]:
-        """(status, content type, body, head only) for one request read from `reader`."""
-        parts = (await reader.readline()).decode("latin-1").split()
-        headers: dict[str, str] = {}
-        for _ in range(MAX_HEADER_LINES):
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            key, _, value = line.decode("latin-1").partition(":")
-            headers[key.strip().lower()] = value.strip()
-        else:
-            return "431 Request Header Fields Too Large", "text/plain", b"too many headers\n", False
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return "400 Bad Request", "text/plain", b"bad request\n", False
-        method, path = parts[0], parts[1].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "text/plain", b"GET or HEAD only\n", False
-        self.requests += 1
-        status, ctype, body = await self._route(path, headers)
-        return status, ctype, body, method == "HEAD"
-
-    async def _route(self, path: str, headers: dict[str, str]) -> tuple[str, str, bytes]:
-        if path == "/metrics":
-            self._collector.snapshot = await self.snapshot()
-            encoder, ctype = choose_encoder(headers.get("accept", ""))
-            return "200 OK", ctype, encoder(self.registry)
-        if path == "/healthz":
-            doc = health_doc(await self.snapshot())
-            status = "200 OK" if doc["status"] == "ok" else "503 Service Unavailable"
-            return status, "application/json", (json.dumps(doc) + "\n").encode()
-        if path == "/":
-            return "200 OK", "text/plain", b"store-edge: /metrics (Prometheus), /healthz\n"
-        return "404 Not Found", "text/plain", b"not found\n"
-
-    @staticmethod
-    async def _write(writer: asyncio.StreamWriter, status: str, ctype: str, body: bytes, length: int) -> None:
-        head = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {length}\r\n"
-            "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
-        )
-        writer.write(head.encode("latin-1") + body)
-        await writer.drain()
-
-
-def health_component(liveness: Liveness) -> Callable[[Runtime], HealthServer]:
-    """A supervisor component factory for the health endpoint sharing `liveness` with the watchdog."""
+def health_component(liveness: Liveness, config_path: str | None = None) -> Callable[[Runtime], HealthServer]:
+    """A supervisor component factory for the health endpoint sharing `liveness` with the watchdog;
+    `config_path` is shown on the store page as the config applied."""
 
     def factory(rt: Runtime) -> HealthServer:
-        return HealthServer(rt, liveness)
+        from edge.web.server import HealthServer  # aiohttp is imported only when the endpoint runs
+
+        return HealthServer(rt, liveness, config_path)
 
     return factory

@@ -257,8 +257,8 @@ async def test_uplink_state_and_last_ack_age_with_a_cloud_that_acks(tmp_path: Pa
 
 
 async def test_healthz_and_bad_requests_do_not_break_the_server(tmp_path: Path) -> None:
-    """200 JSON on /healthz; HEAD has no body; 404, 405, 400 for the rest; an oversized request
-    line is cut off; the server answers normally afterwards."""
+    """200 JSON on /healthz; HEAD has no body; 404, 405, 400, 431 for the rest; an oversized request
+    line is cut off; each answer closes the connection; the server answers normally afterwards."""
     cfg = make_cfg(tmp_path)
     liveness = Liveness(SystemClock(), cfg.health.stall_timeout)
     async with running(cfg, [health_component(liveness)]) as rt:
@@ -270,15 +270,19 @@ async def test_healthz_and_bad_requests_do_not_break_the_server(tmp_path: Path) 
         assert doc["device"] == "edge-h"
         assert doc["uplink"] == "disabled"
         assert set(doc["drivers"]) == {"ble", "nfc", "pos:till-1"}
-        status, headers, body = await http(addr, b"HEAD /healthz HTTP/1.1\r\n\r\n")
+        status, headers, body = await http(addr, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (status, body) == (200, b"")
         assert int(headers["content-length"]) > 0
+        assert headers["connection"] == "close"
         assert (await get(addr, "/nope"))[0] == 404
-        assert (await http(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n"))[0] == 405
+        assert (await http(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"))[0] == 405
         assert (await http(addr, b"\x16\x03\x01garbage\r\n\r\n"))[0] == 400
-        assert (await http(addr, b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n"))[0] in (0, 400)
-        many = b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * 100 + b"\r\n"
+        assert (await http(addr, b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"))[0] in (0, 400)
+        many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 100 + b"\r\n"
         assert (await http(addr, many))[0] == 431
+        # HTTP/1.1 without Host is malformed (RFC 9112 3.2); 1.0 needs none
+        assert (await http(addr, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 400
+        assert (await http(addr, b"GET /healthz HTTP/1.0\r\n\r\n"))[0] == 200
         assert (await get(addr, "/healthz"))[0] == 200
         assert listen_of(rt)[0] == "127.0.0.1"
 
