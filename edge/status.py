@@ -11,9 +11,11 @@ from typing import Any
 
 from edge.buffer.stats import count_events, iter_events, read_stats
 from edge.clock import kernel_clock_synchronized
+from edge.config import Config, is_loopback
 from edge.configload import load_config
 from edge.supervisor import RUNTIME_FILE
 from edge.units import format_duration, format_size
+from edge.web.access import read_token, token_path
 
 
 def collect_status(config_path: str) -> dict[str, Any]:
@@ -32,7 +34,24 @@ def collect_status(config_path: str) -> dict[str, Any]:
             doc["runtime"] = rt
         except (OSError, ValueError):
             doc["runtime"] = {"state": "unknown"}
+    doc["page"] = _page(cfg, doc["runtime"])
     return doc
+
+
+def _page(cfg: Config, runtime: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where the store page is and, off loopback, its token (config, or the generated file)."""
+    if not cfg.health.enabled:
+        return None
+    health = ((runtime or {}).get("components") or {}).get("health") or {}
+    listen = health.get("listen") or cfg.health.listen
+    scheme = "https" if cfg.health.tls.enabled else "http"
+    page: dict[str, Any] = {"url": f"{scheme}://{listen}/", "token_required": False, "token": None}
+    if not is_loopback(cfg.health.address()[0]):
+        page["token_required"] = True
+        page["token"] = cfg.health.token or read_token(cfg.paths.state_dir)
+        if page["token"] is None:  # not generated yet (daemon never started) or not readable by this user
+            page["token_file"] = str(token_path(cfg.paths.state_dir))
+    return page
 
 
 def status_main(config_path: str, *, as_json: bool) -> int:
@@ -59,6 +78,8 @@ def _render(doc: dict[str, Any]) -> str:
             lines.append(f"{name:<11} {c.get('state', '?')}" + (f" ({where})" if where else ""))
     else:
         lines.append("daemon      not running (no runtime status)")
+    if doc.get("page"):
+        lines.append(_page_line(doc["page"]))
     clk = doc.get("clock")
     if clk is not None:
         lines.append(
@@ -84,6 +105,14 @@ def _render(doc: dict[str, Any]) -> str:
     ago = f"{format_duration(max(0.0, (now - last_ack) / 1000))} ago" if last_ack else "never"
     lines.append(f"last ack    {ago}")
     return "\n".join(lines)
+
+
+def _page_line(page: dict[str, Any]) -> str:
+    if not page.get("token_required"):
+        return f"page        {page['url']} (local only, no token)"
+    if page.get("token"):
+        return f"page        {page['url']}?token={page['token']} (open once; a cookie keeps it)"
+    return f"page        {page['url']} token in {page.get('token_file')} (not readable, or not made yet)"
 
 
 def export_main(config_path: str, out: str) -> int:

@@ -46,8 +46,9 @@ LINE_LIMIT = 8190
 STATIC = {  # name -> content type; the only files served
     "app.js": "text/javascript",
     "style.css": "text/css",
+    "icon.svg": "image/svg+xml",
 }
-PAGE_PATHS = frozenset({"/", "/api/status", "/api/analytics", *(f"/static/{n}" for n in STATIC)})
+PAGE_PATHS = frozenset({"/", "/favicon.ico", "/api/status", "/api/analytics", *(f"/static/{n}" for n in STATIC)})
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -179,6 +180,7 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/", self._page)
+        app.router.add_get("/favicon.ico", self._favicon)
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/api/analytics", self._api_analytics)
@@ -218,7 +220,8 @@ class HealthServer:
         if request.path == "/" and "token" in request.query:
             if not token_matches(token, request.query["token"]):
                 return self._refused(request)
-            resp = web.HTTPSeeOther("/")  # the token leaves the address bar (and the history)
+            # the token leaves the address bar (and the history)
+            resp = web.Response(status=303, headers={"Location": "/"})
             resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=self._tls, path="/")
             return resp
         if token_matches(token, bearer(request.headers.get("Authorization"))) or token_matches(
@@ -249,6 +252,9 @@ class HealthServer:
     async def _page(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._files["index.html"], headers={
             "Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": PAGE_CSP})
+
+    async def _favicon(self, _request: web.Request) -> web.Response:
+        raise web.HTTPFound("/static/icon.svg")
 
     async def _static(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
