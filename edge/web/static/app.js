@@ -59,8 +59,10 @@ function niceMax(v) {
 }
 function yAxis(svg, max, fmt) {
   const g = el("g", { class: "axis" }, svg);
-  for (let i = 0; i <= 4; i++) {
-    const v = (max * i) / 4, y = H - M.b - ((H - M.t - M.b) * i) / 4;
+  const lead = max / Math.pow(10, Math.floor(Math.log10(max)));
+  const n = lead === 2 ? 4 : 5;  // round steps: 0.4 of 2, 0.5 of 2.5, 1 of 5 or 10
+  for (let i = 0; i <= n; i++) {
+    const v = (max * i) / n, y = H - M.b - ((H - M.t - M.b) * i) / n;
     el("line", { x1: M.l, x2: W - M.r, y1: y, y2: y, class: "grid" }, g);
     txt(g, M.l - 6, y + 4, fmt(v), { "text-anchor": "end" });
   }
