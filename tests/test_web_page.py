@@ -120,8 +120,11 @@ async def serving(
 ) -> AsyncIterator[tuple[Runtime, str]]:
     """A running daemon core with the page; yields (runtime, base URL)."""
 
+    is_ready = asyncio.Event()
+
     def ready(rt: Runtime) -> None:
         rt.analytics = analytics  # type: ignore[attr-defined]  # what the supervisor does once edge/analytics lands
+        is_ready.set()
 
     liveness = Liveness(SystemClock(), cfg.health.stall_timeout)
     sup = Supervisor(cfg, SystemClock(), components=[health_component(liveness, config_path)],
@@ -130,10 +133,11 @@ async def serving(
     task = asyncio.create_task(sup.run(stop))
     try:
         async with asyncio.timeout(30):
-            while sup.runtime is None or not hasattr(sup.runtime, "analytics"):
+            while not is_ready.is_set():
                 assert not task.done(), task.exception()
                 await asyncio.sleep(0.05)
         rt = sup.runtime
+        assert rt is not None
         health = next(c for c in rt.components if c.name == "health")
         listen = str(health.status()["listen"])
         port = listen.rpartition(":")[2]
