@@ -44,7 +44,7 @@ from typing import Any
 
 import msgpack
 
-from drivers.ble.sim import random_private_address
+from drivers.ble.simstore import random_private_address
 from edge.buffer.bounds import Row, insert_params
 from edge.buffer.packing import MAP5_ID, ColumnInsert, EventPacker, Item
 from edge.buffer.schema import ranks
