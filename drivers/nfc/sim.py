@@ -148,19 +148,22 @@ class NfcSim:
 
     async def readings(self) -> AsyncIterator[Reading]:
         pacer, session, clock, rng = self._pacer, self._session, self._clock, self._rng
+        lifted: tuple[bytes, float] | None = None  # the last tag and when it leaves the reader
         while self._limit is None or self._count < self._limit:
             delay = pacer.next_delay()
             if delay is not None:
                 await pacer.sleep(delay)
             read = self._next_tag()
             at, ts = clock.monotonic(), clock.wall_ms()
+            if lifted is not None:  # one reader: the previous tag is gone by now
+                session.left(lifted[0], min(lifted[1], at))
             hold = rng.uniform(0.3, 1.5)
             got = [session.arrived(read, ts, at)]
-            session.left(read.uid, at + hold)
             if rng.random() < _P_BOUNCE:  # lifted and put back at once: the same tap
-                again = at + hold + rng.uniform(0.05, 0.3)
+                session.left(read.uid, at + 0.2)
+                again = at + 0.2 + rng.uniform(0.05, 0.3)
                 got.append(session.arrived(read, ts + round((again - at) * 1000), again))
-                session.left(read.uid, again + hold)
+            lifted = (read.uid, at + hold)
             for reading in got:
                 if reading is not None and (self._limit is None or self._count < self._limit):
                     self._count += 1
