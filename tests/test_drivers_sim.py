@@ -376,3 +376,63 @@ def test_unrecognized_injected_identifier_is_rejected_without_echoing_it() -> No
     with pytest.raises(ValueError, match="#1") as err:
         classify_injected(["04A1B2C3D4E5F6", "zz-secret-zz"])
     assert "zz-secret-zz" not in str(err.value)
+
+
+# -- the BLE seam: an injected advertisement source ------------------------------------------
+
+
+async def test_an_injected_source_drives_the_ble_sim_and_its_end_closes_sessions() -> None:
+    """`SimOptions(ble_source=...)` reaches the BLE sim through build_drivers; a phone heard
+    twice enters once; when the source ends its session is closed (reason "stop")."""
+    from drivers.base import SimOptions
+    from drivers.registry import build_drivers
+    from edge.config import Config, Drivers, Identity
+
+    clock = FakeClock()
+    phone = "D2:4B:11:7C:3A:9E"
+
+    async def source() -> AsyncIterator[Advert]:
+        for _ in range(2):
+            clock.advance(1.0)
+            yield Advert(clock.monotonic(), phone, -60, {0x004C: bytes.fromhex("1005011820A1B2")})
+
+    cfg = Config(identity=Identity(tenant="t", store="s", device="d"),
+                 drivers=Drivers(nfc=Nfc(enabled=False)))
+    (driver,) = build_drivers(cfg, clock, sim=SimOptions(ble_source=source()))
+    got = [r async for r in driver.readings()]
+    assert [r.type for r in got] == ["presence.enter", "presence.exit"]
+    assert got[0].ids["device"] == Ident("ble_address", phone)
+    assert got[1].data["reason"] == "stop"
+    assert got[1].data["dwell_ms"] == 1000
+    assert driver.status()["ble"]["adverts"] == 2
+
+
+async def test_a_failing_source_degrades_the_ble_driver_and_is_retried() -> None:
+    from drivers.base import Backoff
+    from drivers.ble import BleDriver
+
+    clock = FakeClock()
+    runs = 0
+
+    class Broken:
+        def __aiter__(self) -> AsyncIterator[Advert]:
+            return self._run()
+
+        async def _run(self) -> AsyncIterator[Advert]:
+            nonlocal runs
+            runs += 1
+            yield Advert(clock.monotonic(), "D2:4B:11:7C:3A:9E", -60)
+            raise RuntimeError("boom")
+
+    cfg = Ble(sim=SimRate(seed=1))
+    driver = BleDriver(cfg, clock, backend=BleSim(cfg, clock, source=Broken()),
+                       backoff=Backoff(initial=0.01, max=0.01, jitter=0.0))
+    types = []
+    async for r in driver.readings():
+        types.append(r.type)
+        if len(types) == 4:
+            break
+    assert types == ["presence.enter", "presence.exit"] * 2
+    assert runs == 2
+    assert driver.counters.errors >= 1
+    assert driver.degraded_reason in (None, "sim_source_failed")
