@@ -22,13 +22,16 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
 
 from edge.clock import Clock
 from edge.errors import DriverError
 from edge.events import IDENT_CLASSES, IdentClass, Reading
+
+if TYPE_CHECKING:
+    from drivers.ble.adverts import AdvertSource
 
 Sleep = Callable[[float], Awaitable[None]]
 DriverState = Literal["starting", "running", "degraded", "stopped"]
@@ -267,12 +270,15 @@ class SimOptions:
     """What a caller (a test, a benchmark, the demo) may pass to the simulated backends.
 
     `inject`: raw identifiers the simulations must use early on (see `classify_injected`);
-    `limit`: each simulation stops after that many readings; `sleep`: used for pacing.
+    `limit`: each simulation stops after that many readings; `sleep`: used for pacing;
+    `ble_source`: the BLE simulation's advertisements instead of its own random store
+    (`drivers.ble.adverts.AdvertSource`; `inject` and `sleep` then do not reach BLE).
     """
 
     inject: tuple[str, ...] = ()
     limit: int | None = None
     sleep: Sleep = asyncio.sleep
+    ble_source: AdvertSource | None = None
 
 
 class SimPacer:

@@ -20,5 +20,5 @@ class Model(BaseModel):
 class SimRate(Model):
     """Simulated backend: how busy the simulated store is."""
 
-    rate: float = Field(default=5.0, gt=0, le=1_000_000)  # readings per second
+    rate: float = Field(default=5.0, gt=0, le=1_000_000)  # device input per second (BLE adverts, NFC taps, receipts)
     seed: int | None = None

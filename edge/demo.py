@@ -50,6 +50,18 @@ INJECTED: tuple[tuple[IdentClass, str], ...] = (
 )
 
 
+# the simulated store's own beacons and its loyalty card rule: the sim backends send these
+# frames and write these cards, and the real processing code reports them (config/demo.yaml)
+DEMO_BEACONS = [
+    {"name": "entrance", "ibeacon": {"uuid": "E2C56DB5-DFFB-48D2-B060-D0F5A71096E0", "major": 1, "minor": 1}},
+    {"name": "shelf-7", "eddystone": {"namespace": "edd1ebeac04e5defa017", "instance": "000000000007"}},
+]
+DEMO_NFC_RULES = [
+    {"name": "gs1", "kind": "product", "gs1_digital_link": True},
+    {"name": "club", "kind": "loyalty", "uri_prefix": "https://club.freshmart.example/card/"},
+]
+
+
 def _device_config(root: Path, broker: str, cloud_pub: str, rate: float) -> Config:
     sim = {"rate": rate, "seed": 42}
     return Config.model_validate({
@@ -62,8 +74,8 @@ def _device_config(root: Path, broker: str, cloud_pub: str, rate: float) -> Conf
             "reconnect": {"initial": "200ms", "max": "5s"},
         },
         "drivers": {
-            "ble": {"sim": sim},
-            "nfc": {"sim": {"rate": max(0.2, rate / 10), "seed": 43}},
+            "ble": {"sim": sim, "beacons": {"known": DEMO_BEACONS}, "presence": {"occupancy_every": "10s"}},
+            "nfc": {"sim": {"rate": max(0.2, rate / 10), "seed": 43}, "rules": DEMO_NFC_RULES},
             "pos": [
                 {"name": "till-1", "sim": {"rate": max(0.1, rate / 20), "seed": 44}},
                 {"name": "till-2", "sim": {"rate": max(0.1, rate / 20), "seed": 45}},

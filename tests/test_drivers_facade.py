@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from drivers.base import Backoff, Driver, SimOptions
 from drivers.ble import BleDriver
 from drivers.nfc import NfcDriver
+from drivers.nfc.config import NfcRule
 from drivers.pos import PosDriver
 from drivers.registry import build_drivers
 from edge.clock import Clock, FakeClock
@@ -329,7 +330,8 @@ async def test_registry_passes_injected_identifiers_to_every_simulation() -> Non
         "leak.probe@example.org",
         "+44 7700 900461",
     )
-    cfg = _config(pos=[PosLink(name="till-7")])
+    club = NfcRule(name="club", kind="loyalty", uri_prefix="https://club.example/card/")
+    cfg = _config(nfc=Nfc(rules=[club]), pos=[PosLink(name="till-7")])
     drivers = build_drivers(cfg, clock, sim=SimOptions(inject=inject, limit=1, sleep=FakeSleep(clock)))
     first = {d.name: await first_reading(d) for d in drivers}
     assert first["ble"].ids["device"] == Ident("ble_address", "C6:0F:3B:5E:12:A9")

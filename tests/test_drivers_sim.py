@@ -5,10 +5,8 @@ carrying injected raw identifiers early on (the simulations' part of the leak te
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import re
-import statistics
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -17,7 +15,9 @@ from typing import Any
 import pytest
 
 from drivers.base import classify_injected
-from drivers.ble.sim import BleSim, random_private_address
+from drivers.ble.adverts import Advert
+from drivers.ble.sim import BleSim
+from drivers.ble.simstore import RandomStore, random_private_address
 from drivers.nfc.sim import NfcSim
 from drivers.pos.receipt import parse_receipt
 from drivers.pos.sim import PosSim
@@ -90,61 +90,55 @@ def shape(r: Reading) -> tuple[Any, ...]:
 
 # -- BLE --------------------------------------------------------------------------------
 
+BEACONS = {"known": [
+    {"name": "door", "ibeacon": {"uuid": "E2C56DB5-DFFB-48D2-B060-D0F5A71096E0", "major": 1, "minor": 2}},
+    {"name": "shelf-7", "eddystone": {"namespace": "edd1ebeac04e5defa017", "instance": "000000000007"}},
+]}
 
-async def test_ble_sim_yields_presence_adverts_and_beacons_realistically() -> None:
-    """At the default rate the store runs in real time: phones enter, are sighted with a
-    plausible RSSI, and leave after minutes with dwell_ms = exit ts - enter ts; beacons
-    advertise iBeacon / Eddystone identities with battery and carry no ids."""
+
+async def test_ble_sim_yields_the_real_event_types_for_a_made_up_store() -> None:
+    """Over two store-hours at 5 adverts/s: phones enter and exit (dwell from the presence
+    engine), occupancy every minute, the configured beacons seen and with telemetry; every
+    phone event carries a valid random address only as an identifier."""
     clock = FakeClock()
-    sim = BleSim(Ble(sim=SimRate(rate=5, seed=7)), clock, limit=6000, sleep=FakeSleep(clock))
+    cfg = Ble.model_validate({"sim": {"rate": 5, "seed": 7}, "beacons": BEACONS})
+    sim = BleSim(cfg, clock, limit=1500, sleep=FakeSleep(clock))
     got = await take(sim.readings())
-    assert len(got) == 6000
+    assert len(got) == 1500
     counts = Counter(r.type for r in got)
-    assert set(counts) == {"presence.enter", "presence.exit", "ble.adv", "beacon.seen"}
-    assert counts["ble.adv"] > counts["beacon.seen"] > counts["presence.enter"] >= counts["presence.exit"] > 5
-    assert all(a.ts <= b.ts for a, b in itertools.pairwise(got))
-    entered: dict[str, int] = {}
-    dwells = []
+    assert set(counts) == {"presence.enter", "presence.exit", "presence.occupancy", "beacon.seen", "beacon.telemetry"}
+    assert counts["presence.enter"] >= counts["presence.exit"] > 50
+    present: set[str] = set()
     for r in got:
         assert r.src == "ble"
-        if r.type == "beacon.seen":
+        if r.type.startswith("beacon."):
             assert r.ids == {}
-            assert 0 <= r.data["battery_pct"] <= 100
-            assert -100 <= r.data["rssi"] <= -30
-            if r.data["frame"] == "ibeacon":
-                assert re.match(r"^[0-9A-F]{8}-([0-9A-F]{4}-){3}[0-9A-F]{12}$", r.data["uuid"])
-                assert 0 <= r.data["major"] <= 65535
-                assert 0 <= r.data["minor"] <= 65535
-            else:
-                assert r.data["frame"] == "eddystone_uid"
-                assert re.match(r"^[0-9a-f]{20}$", r.data["namespace"])
-                assert re.match(r"^[0-9a-f]{12}$", r.data["instance"])
+            assert r.data["beacon"] in ("door", "shelf-7")
             continue
-        assert set(r.ids) == {"device"}
+        if r.type == "presence.occupancy":
+            assert r.ids == {}
+            assert r.data["interval_ms"] == 60_000
+            continue
         ident = r.ids["device"]
         assert ident.cls == "ble_address"
         assert valid_random_address(ident.raw)
-        assert r.data["kind"] == "phone"
         assert not any(ident.raw in str(v) for v in r.data.values())
         if r.type == "presence.enter":
-            assert ident.raw not in entered
-            entered[ident.raw] = r.ts
+            assert ident.raw not in present
+            present.add(ident.raw)
+            assert -100 <= r.data["rssi"] <= -30
         else:
-            assert ident.raw in entered  # sighted or leaving only while present
-            if r.type == "presence.exit":
-                assert r.data["dwell_ms"] == r.ts - entered.pop(ident.raw)
-                dwells.append(r.data["dwell_ms"])
-            else:
-                assert -100 <= r.data["rssi"] <= -30
-                assert r.data.get("tx_power", 0) in (0, 4, 7, 8, 12)
-    assert all(20_000 <= d <= 3_300_000 for d in dwells)  # ~30 s .. 45 min of store time
-    assert 60_000 <= statistics.median(dwells) <= 900_000
+            present.remove(ident.raw)
+            assert r.data["rssi_min"] <= r.data["rssi_mean"] <= r.data["rssi_max"]
+            assert r.data["reason"] == "gone"
+            assert r.data["dwell_ms"] >= 0
+    assert sim.stats()["foreign_beacon_adverts"] > 0  # the neighbour's beacons are ignored
 
 
 async def test_ble_sim_is_deterministic_for_a_seed() -> None:
     async def run(seed: int) -> list[tuple[Any, ...]]:
         clock = FakeClock()
-        sim = BleSim(Ble(sim=SimRate(rate=5, seed=seed)), clock, limit=500, sleep=FakeSleep(clock))
+        sim = BleSim(Ble(sim=SimRate(rate=5, seed=seed)), clock, limit=300, sleep=FakeSleep(clock))
         return [shape(r) for r in await take(sim.readings())]
 
     assert await run(11) == await run(11)
@@ -164,34 +158,43 @@ def test_random_private_addresses_have_the_spec_shape() -> None:
 # -- NFC --------------------------------------------------------------------------------
 
 
+NFC_RULES = [
+    {"name": "gs1", "kind": "product", "gs1_digital_link": True},
+    {"name": "club", "kind": "loyalty", "uri_prefix": "https://club.example/card/"},
+]
+
+
 async def test_nfc_sim_yields_product_and_loyalty_taps() -> None:
-    """Product taps carry a valid GTIN-13 and the store tag (no ids); loyalty taps carry
-    the card UID and loyalty number only as identifiers, never in data."""
+    """Shelf tags are GS1 Digital Links (a valid GTIN-14 in data); loyalty cards written for
+    the configured rule carry the card UID and the loyalty number only as identifiers."""
     clock = FakeClock()
-    sim = NfcSim(Nfc(sim=SimRate(rate=0.5, seed=3)), clock, limit=600, sleep=FakeSleep(clock))
+    cfg = Nfc.model_validate({"sim": {"rate": 0.5, "seed": 3}, "rules": NFC_RULES})
+    sim = NfcSim(cfg, clock, limit=600, sleep=FakeSleep(clock))
     got = await take(sim.readings())
     kinds = Counter(r.data["kind"] for r in got)
-    assert set(kinds) == {"product", "loyalty"}
-    assert 0.2 <= kinds["loyalty"] / len(got) <= 0.4
+    assert set(kinds) == {"product", "loyalty", "unknown"}
+    assert 0.2 <= kinds["loyalty"] / len(got) <= 0.45
     for r in got:
         assert (r.src, r.type) == ("nfc", "nfc.tap")
+        assert r.ids["card"].cls == "nfc_uid"
+        assert re.match(r"^[0-9A-F]{14}$", r.ids["card"].raw)
         if r.data["kind"] == "product":
-            assert gtin13_ok(r.data["gtin"])
+            assert r.data["rule"] == "gs1"
+            assert len(r.data["gtin"]) == 14
+            assert gtin13_ok(r.data["gtin"][1:])
             assert r.data["tag_type"] == "Type2"
-            assert HEX14.match(r.data["tag"])
-            assert r.ids == {}
-        else:
-            assert set(r.data) == {"kind", "tag_type"}
+            assert set(r.ids) == {"card"}
+        elif r.data["kind"] == "loyalty":
+            assert r.data["rule"] == "club"
             assert r.data["tag_type"] in ("Type2", "Type4")
-            assert set(r.ids) == {"card", "loyalty"}
-            assert r.ids["card"].cls == "nfc_uid"
-            assert HEX14.match(r.ids["card"].raw)
             assert r.ids["loyalty"].cls == "loyalty_id"
             assert re.match(r"^\d{12}$", r.ids["loyalty"].raw)
-    loyal = Counter(r.ids["loyalty"].raw for r in got if r.ids)
+            assert not any(r.ids["loyalty"].raw in str(v) for v in r.data.values())
+    loyal = Counter(r.ids["loyalty"].raw for r in got if "loyalty" in r.ids)
     assert loyal.most_common(1)[0][1] >= 2  # returning customers tap again
     products = Counter(r.data["gtin"] for r in got if r.data["kind"] == "product")
     assert products.most_common(1)[0][1] >= 5 * min(products.values())  # some products are popular
+    assert sim.stats()["debounced"] > 0
 
 
 # -- POS --------------------------------------------------------------------------------
@@ -264,10 +267,10 @@ async def test_two_pos_links_with_one_seed_print_different_receipts() -> None:
 
 
 async def test_rate_is_readings_per_second_on_the_injected_clock() -> None:
-    """1000 readings at 5/s take ~200 s of (fake) time and almost no real time."""
+    """1000 receipts at 5/s take ~200 s of (fake) time and almost no real time."""
     clock = FakeClock()
     sleep = FakeSleep(clock)
-    sim = NfcSim(Nfc(sim=SimRate(rate=5, seed=1)), clock, limit=1000, sleep=sleep)
+    sim = PosSim(PosLink(name="till-1", sim=SimRate(rate=5, seed=1)), clock, limit=1000, sleep=sleep)
     start_mono, start_wall, t0 = clock.monotonic(), clock.wall_ms(), time.perf_counter()
     got = await take(sim.readings())
     assert len(got) == 1000
@@ -278,12 +281,16 @@ async def test_rate_is_readings_per_second_on_the_injected_clock() -> None:
 
 
 async def test_fast_mode_does_not_sleep_per_reading() -> None:
-    """At a very high rate the simulation sleeps only once in a few hundred readings."""
+    """At a very high rate the advertisement source sleeps only once in a few hundred adverts."""
     clock = FakeClock()
     sleep = FakeSleep(clock)
-    sim = BleSim(Ble(sim=SimRate(rate=200_000, seed=1)), clock, limit=50_000, sleep=sleep)
+    store = RandomStore(Ble(sim=SimRate(rate=200_000, seed=1)), clock, sleep=sleep)
     t0 = time.perf_counter()
-    got = await take(sim.readings())
+    got: list[Advert] = []
+    async for a in store:
+        got.append(a)
+        if len(got) == 50_000:
+            break
     assert len(got) == 50_000
     assert 0 < len(sleep.delays) <= 50_000 / 100
     assert clock.monotonic() - 1000.0 == pytest.approx(50_000 / 200_000, rel=0.05)
@@ -298,7 +305,8 @@ async def test_fast_mode_with_the_real_clock_yields_to_the_loop() -> None:
         delays.append(s)
         await asyncio.sleep(s)
 
-    sim = NfcSim(Nfc(sim=SimRate(rate=1_000_000, seed=1)), SystemClock(), limit=20_000, sleep=recording_sleep)
+    nfc = Nfc(sim=SimRate(rate=1_000_000, seed=1), debounce=0)  # every activation a reading
+    sim = NfcSim(nfc, SystemClock(), limit=20_000, sleep=recording_sleep)
     got = await take(sim.readings())
     assert len(got) == 20_000
     assert len(delays) <= 20_000 / 50
@@ -323,9 +331,10 @@ async def test_injected_identifiers_appear_in_the_first_readings() -> None:
     ble = await take(BleSim(Ble(sim=SimRate(seed=1)), clock, inject=INJECT, limit=50, sleep=sleep).readings())
     assert ble[0].type == "presence.enter"
     assert ble[0].ids["device"] == Ident("ble_address", "D2:4B:11:7C:3A:9E")
-    nfc = await take(NfcSim(Nfc(sim=SimRate(seed=1)), clock, inject=INJECT, limit=50, sleep=sleep).readings())
+    nfc_cfg = Nfc.model_validate({"sim": {"seed": 1}, "rules": NFC_RULES})
+    nfc = await take(NfcSim(nfc_cfg, clock, inject=INJECT, limit=50, sleep=sleep).readings())
     assert nfc[0].data["kind"] == "loyalty"
-    assert nfc[0].ids == {
+    assert dict(nfc[0].ids) == {
         "card": Ident("nfc_uid", "04A1B2C3D4E5F6"),
         "loyalty": Ident("loyalty_id", "123456789012"),
     }
@@ -343,7 +352,8 @@ async def test_several_injected_values_of_a_class_go_to_successive_readings() ->
     clock = FakeClock()
     inject = ["nfc_uid:04000000000001", "nfc_uid:04000000000002", "loyalty_id:5550001"]
     nfc = await take(
-        NfcSim(Nfc(sim=SimRate(seed=2)), clock, inject=inject, limit=2, sleep=FakeSleep(clock)).readings()
+        NfcSim(Nfc.model_validate({"sim": {"seed": 2}, "rules": NFC_RULES}), clock, inject=inject, limit=2,
+               sleep=FakeSleep(clock)).readings()
     )
     assert [r.ids["card"].raw for r in nfc] == ["04000000000001", "04000000000002"]
     assert nfc[0].ids["loyalty"].raw == "5550001"
@@ -366,3 +376,63 @@ def test_unrecognized_injected_identifier_is_rejected_without_echoing_it() -> No
     with pytest.raises(ValueError, match="#1") as err:
         classify_injected(["04A1B2C3D4E5F6", "zz-secret-zz"])
     assert "zz-secret-zz" not in str(err.value)
+
+
+# -- the BLE seam: an injected advertisement source ------------------------------------------
+
+
+async def test_an_injected_source_drives_the_ble_sim_and_its_end_closes_sessions() -> None:
+    """`SimOptions(ble_source=...)` reaches the BLE sim through build_drivers; a phone heard
+    twice enters once; when the source ends its session is closed (reason "stop")."""
+    from drivers.base import SimOptions
+    from drivers.registry import build_drivers
+    from edge.config import Config, Drivers, Identity
+
+    clock = FakeClock()
+    phone = "D2:4B:11:7C:3A:9E"
+
+    async def source() -> AsyncIterator[Advert]:
+        for _ in range(2):
+            clock.advance(1.0)
+            yield Advert(clock.monotonic(), phone, -60, {0x004C: bytes.fromhex("1005011820A1B2")})
+
+    cfg = Config(identity=Identity(tenant="t", store="s", device="d"),
+                 drivers=Drivers(nfc=Nfc(enabled=False)))
+    (driver,) = build_drivers(cfg, clock, sim=SimOptions(ble_source=source()))
+    got = [r async for r in driver.readings()]
+    assert [r.type for r in got] == ["presence.enter", "presence.exit"]
+    assert got[0].ids["device"] == Ident("ble_address", phone)
+    assert got[1].data["reason"] == "stop"
+    assert got[1].data["dwell_ms"] == 1000
+    assert driver.status()["ble"]["adverts"] == 2
+
+
+async def test_a_failing_source_degrades_the_ble_driver_and_is_retried() -> None:
+    from drivers.base import Backoff
+    from drivers.ble import BleDriver
+
+    clock = FakeClock()
+    runs = 0
+
+    class Broken:
+        def __aiter__(self) -> AsyncIterator[Advert]:
+            return self._run()
+
+        async def _run(self) -> AsyncIterator[Advert]:
+            nonlocal runs
+            runs += 1
+            yield Advert(clock.monotonic(), "D2:4B:11:7C:3A:9E", -60)
+            raise RuntimeError("boom")
+
+    cfg = Ble(sim=SimRate(seed=1))
+    driver = BleDriver(cfg, clock, backend=BleSim(cfg, clock, source=Broken()),
+                       backoff=Backoff(initial=0.01, max=0.01, jitter=0.0))
+    types = []
+    async for r in driver.readings():
+        types.append(r.type)
+        if len(types) == 4:
+            break
+    assert types == ["presence.enter", "presence.exit"] * 2
+    assert runs == 2
+    assert driver.counters.errors >= 1
+    assert driver.degraded_reason in (None, "sim_source_failed")

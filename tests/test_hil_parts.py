@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from drivers.base import SimOptions
+from drivers.ble.config import Ble
+from drivers.ble.sim import BleSim
 from drivers.nfc.config import Nfc
 from drivers.nfc.sim import NfcSim
 from edge.clock import FakeClock
@@ -129,6 +131,22 @@ async def test_replayed_identifiers_are_the_ones_the_daemons_sim_used() -> None:
     assert seen
     assert seen <= replayed
     assert SimOptions().inject == ()  # the daemon's sims run without injection under `edge run`
+
+
+async def test_replayed_ble_addresses_cover_a_paced_sim_run() -> None:
+    """Every address a paced BLE sim run reported is among the replayed ones (the sim's
+    addresses do not depend on its pace)."""
+    clock = FakeClock()
+
+    async def tick(s: float) -> None:
+        clock.advance(s)
+        await asyncio.sleep(0)
+
+    sim = BleSim(Ble(sim=SimRate(rate=5.0, seed=8101)), clock, sleep=tick, limit=300)
+    seen = {(i.cls, i.raw) for r in [r async for r in sim.readings()] for i in r.ids.values()}
+    replayed = set(await replay_identifiers("ble", 8101, 300, ["till-1"]))
+    assert seen
+    assert seen <= replayed
 
 
 # ------------------------------------------------------------------------------ chain and report

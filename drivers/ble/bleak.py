@@ -46,7 +46,7 @@ from bleak.exc import BleakBluetoothNotAvailableError, BleakDBusError, BleakErro
 from drivers.base import Sleep
 from drivers.ble.adapter import BluezAdapter, BluezCallError
 from drivers.ble.config import Ble
-from drivers.ble.processor import BleProcessor
+from drivers.ble.processor import BleProcessor, tick_period
 from drivers.ble.watchdog import Action, ScanWatchdog
 from edge.clock import Clock
 from edge.errors import DriverError
@@ -120,10 +120,7 @@ class BleakBackend:
         self._mode: Literal["passive", "active"] | None = None
         self._passive_unavailable = False
         self._opened = False
-        periods = [1.0, cfg.presence.exit_after / 4, cfg.presence.occupancy_every / 4, cfg.beacons.missing_after / 4]
-        if cfg.watchdog.enabled:
-            periods.append(cfg.watchdog.quiet / 4)
-        self._tick_s = max(0.02, min(periods))
+        self._tick_s = tick_period(cfg)
         self.dropped = 0
         self.scanner_restarts = 0
         self.power_cycles = 0
@@ -204,8 +201,7 @@ class BleakBackend:
     async def _tick(self) -> tuple[list[Reading], DriverError | None]:
         """Presence exits, occupancy, beacon.missing; then the watchdog's next action, if due."""
         dog, now = self._dog, self._clock.monotonic()
-        scanner_ok = dog.level == 0 and (not dog.expecting or dog.quiet_for(now) < dog.quiet)
-        out = self._proc.tick(now, self._clock.wall_ms(), scanner_ok=scanner_ok)
+        out = self._proc.tick(now, self._clock.wall_ms(), scanner_ok=dog.listening(now))
         action = dog.due(now)
         if action is not None:
             try:

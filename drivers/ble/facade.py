@@ -24,7 +24,7 @@ def default_backend(cfg: Ble, clock: Clock, sim: SimOptions | None = None) -> Ba
         from drivers.ble.sim import BleSim
 
         opts = sim or SimOptions()
-        return BleSim(cfg, clock, inject=opts.inject, limit=opts.limit, sleep=opts.sleep)
+        return BleSim(cfg, clock, source=opts.ble_source, inject=opts.inject, limit=opts.limit, sleep=opts.sleep)
     from drivers.ble.bleak import BleakBackend
 
     return BleakBackend(cfg, clock)

@@ -37,6 +37,14 @@ _ID_FRAMES = (IBeacon, AltBeacon, EddystoneUid)
 _OTHER_BEACON_FRAMES = (EddystoneUrl, EddystoneEtlm, EddystoneEid)
 
 
+def tick_period(cfg: Ble) -> float:
+    """How often a backend calls `tick()`: a quarter of the shortest interval it serves."""
+    periods = [1.0, cfg.presence.exit_after / 4, cfg.presence.occupancy_every / 4, cfg.beacons.missing_after / 4]
+    if cfg.watchdog.enabled:
+        periods.append(cfg.watchdog.quiet / 4)
+    return max(0.02, min(periods))
+
+
 class BleProcessor:
     def __init__(self, cfg: Ble, now: float) -> None:
         self.presence = PresenceEngine(cfg.presence, now)

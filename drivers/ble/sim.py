@@ -1,106 +1,56 @@
-"""Simulated BLE: shoppers' phones coming and going, and the store's own beacons.
+"""The simulated BLE backend: synthetic advertisements through the real processing path.
 
-World model (advanced one step of `STORE_S_PER_READING` store-seconds per reading, so at
-the default rate of 5 readings/s the store runs in real time and at higher rates its
-minutes are compressed):
+    AdvertSource (default: simstore.RandomStore) -> BleProcessor -> Readings
+                                                  + ScanWatchdog, ticks
 
-- phones arrive (Poisson, one every ~15 store-seconds on average), linger (log-normal,
-  median ~6 store-minutes, 30 s to 45 min) and leave. Each has a random private address
-  (resolvable private address, top bits 0b01, ~90 %; random static, top bits 0b11) that
-  it keeps for its visit (real phones rotate RPAs every ~15 min; not simulated), and an
-  RSSI from a log-distance path-loss model with the phone wandering and noise on top;
-- iBeacons and Eddystone-UID beacons advertise with a slowly draining battery.
+Everything after "an advertisement was heard" is the bleak backend's code: the same
+`BleProcessor` (decoders, store-beacon tracking, presence with smoothing, hysteresis, zones
+and occupancy), the same `ScanWatchdog` ladder and tick period, the same flush of open
+sessions when the scan ends. So this backend emits exactly the event types and shapes the
+real store does (see `presence.py`, `beacons.py`); it differs from `bleak.py` only in where
+the advertisements come from (a source instead of BlueZ) and in what the watchdog's
+actions do (there is no adapter to restart or power-cycle: they are counted and logged;
+`give_up` degrades the driver exactly as on a real box).
 
-Each reading is one of (phones carry the address as `Ident("ble_address", ...)` under
-`ids["device"]`; beacons are infrastructure and carry no ids):
-
-- `presence.enter` data {kind: "phone", rssi}
-- `presence.exit`  data {kind: "phone", dwell_ms} (exit ts - enter ts, wall clock)
-- `ble.adv`        data {kind: "phone", rssi, tx_power?}
-- `beacon.seen`    data {frame: "ibeacon", uuid, major, minor, ...} or
-                   {frame: "eddystone_uid", namespace, instance, ...}, both with
-                   rssi, tx_power, battery_pct
+The source is the seam for other simulations (see `adverts.py`): `BleSim(cfg, clock,
+source=...)`, or `SimOptions(ble_source=...)` through `build_drivers`. The backend asks for
+the next advertisement only after the previous one went through the processor (lockstep),
+while ticks (presence exits, occupancy, beacon.missing, the watchdog) run on the clock even
+when the source is silent. When the source ends, open sessions are closed (reason "stop")
+and the backend ends; when it raises, they are closed too and the driver degrades
+(`sim_source_failed`) and later iterates the source again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import math
-import random
-import uuid
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
-from drivers.base import SimPacer, Sleep, classify_injected
+import structlog
+
+from drivers.base import Sleep, classify_injected
+from drivers.ble.adverts import AdvertSource
 from drivers.ble.config import Ble
+from drivers.ble.processor import BleProcessor, tick_period
+from drivers.ble.simstore import RandomStore
+from drivers.ble.watchdog import Action, ScanWatchdog
 from edge.clock import Clock
-from edge.events import Ident, Reading
+from edge.errors import DriverError
+from edge.events import Reading
 
-STORE_S_PER_READING = 0.2
-_MEAN_ARRIVAL_S = 15.0
-_DWELL_MEDIAN_S = 360.0
-_DWELL_SIGMA = 0.8
-_DWELL_MIN_S, _DWELL_MAX_S = 30.0, 2700.0
-_MAX_PHONES = 250
-_P_BEACON = 0.12
-_TX_POWER_LEVELS = (0, 4, 7, 8, 12)
-
-
-def random_private_address(rng: random.Random, kind: Literal["resolvable", "static"]) -> str:
-    """A Bluetooth LE random address, most significant octet first (`AA:BB:...`).
-
-    Resolvable private: top two bits 0b01, the rest of prand (22 bits) not all 0 or all 1,
-    24-bit hash below. Static: top two bits 0b11, the other 46 bits not all 0 or all 1.
-    """
-    if kind == "resolvable":
-        prand = rng.randrange(1, (1 << 22) - 1) | (0b01 << 22)
-        value = (prand << 24) | rng.getrandbits(24)
-    else:
-        value = rng.randrange(1, (1 << 46) - 1) | (0b11 << 46)
-    raw = value.to_bytes(6, "big")
-    return ":".join(f"{b:02X}" for b in raw)
-
-
-@dataclass(slots=True)
-class _Phone:
-    ident: Ident
-    leave_at: float
-    distance_m: float
-    rssi_1m: float
-    tx_power: int | None
-    enter_ts: int = 0
-    slot: int = -1  # index in the present list
-
-
-@dataclass(slots=True)
-class _Beacon:
-    fields: Mapping[str, Any]
-    rssi_mean: float
-    battery: float
-    tx_power: int
-
-
-@dataclass(slots=True)
-class _World:
-    t: float = 0.0
-    next_arrival: float = 0.0
-    seq: int = 0
-    present: list[_Phone] = field(default_factory=list)
-    leaving: list[tuple[float, int, _Phone]] = field(default_factory=list)
-    pending: deque[tuple[Literal["enter", "exit"], _Phone]] = field(default_factory=deque)
+_Advert = tuple[str, int, Mapping[int, bytes], Mapping[str, bytes], float, int]
+_STALLED_HINT = "the simulated radio went quiet (its advertisement source stopped yielding); the driver retries"
 
 
 class BleSim:
-    """Simulated BLE backend (see the module docstring for what it yields).
+    """Simulated BLE backend (see the module docstring).
 
-    `inject`: raw identifiers for the leak test (see `drivers.base.classify_injected`);
-    the Bluetooth addresses among them become the addresses of the first phones to enter,
-    in order (the very first reading is the first injected phone's `presence.enter`).
-    `limit`: stop after that many readings. `sleep`: used for pacing (tests inject one).
+    `source`: the advertisements (default: a `RandomStore` paced at `cfg.sim.rate` with
+    `sleep`, its first phones using the Bluetooth addresses among `inject`). `limit`: stop
+    after that many readings.
     """
 
     name = "sim"
@@ -110,142 +60,163 @@ class BleSim:
         cfg: Ble,
         clock: Clock,
         *,
+        source: AdvertSource | None = None,
         inject: Sequence[str] | None = None,
         limit: int | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        self._rng = random.Random(cfg.sim.seed)
+        self.cfg = cfg
         self._clock = clock
         self._limit = limit
         self._count = 0
-        self._pacer = SimPacer(cfg.sim.rate, clock, sleep, self._rng)
-        self._injected = classify_injected(inject)["ble_address"]
-        self._world = _World()
-        self._beacons = self._make_beacons()
+        self._log = structlog.get_logger("drivers.ble")
+        if source is None:
+            source = RandomStore(cfg, clock, inject=tuple(classify_injected(inject)["ble_address"]), sleep=sleep)
+        self._source = source
+        self._proc = BleProcessor(cfg, clock.monotonic())
+        self._dog = ScanWatchdog(cfg.watchdog, expect_always=bool(cfg.beacons.known))
+        self._tick_s = tick_period(cfg)
+        self._adverts: deque[_Advert] = deque()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._end: Exception | bool | None = None
+        self.scanner_restarts = 0
+        self.power_cycles = 0
 
     async def open(self) -> None:
-        """Nothing to open: the simulated radio is always there."""
+        """The simulated radio is always there: scanning (re)starts now."""
+        now = self._clock.monotonic()
+        self._dog.started(now)
+        self._proc.resume(now)
 
     async def aclose(self) -> None:
-        """Nothing to release."""
+        """Forget every address (as the bleak backend does). Safe to call again."""
+        self._adverts.clear()
+        self._proc.forget()
+
+    def stats(self) -> dict[str, Any]:
+        """The bleak backend's counters (no identifiers); `scan_mode` is "sim"."""
+        return {
+            "adapter": self.cfg.adapter,
+            "scan_mode": "sim",
+            "queue_dropped": 0,
+            "scanner_restarts": self.scanner_restarts,
+            "power_cycles": self.power_cycles,
+            "start_retries": 0,
+            "watchdog_level": self._dog.level,
+            **self._proc.stats(),
+        }
 
     async def readings(self) -> AsyncIterator[Reading]:
-        pacer = self._pacer
-        while self._limit is None or self._count < self._limit:
-            delay = pacer.next_delay()
-            if delay is not None:
-                await pacer.sleep(delay)
-            self._step()
-            self._count += 1
-            yield self._next_reading()
+        self._end = None
+        self._adverts.clear()
+        pump = asyncio.create_task(self._pump(), name="ble-sim:source")
+        try:
+            if self._limit is not None and self._count >= self._limit:
+                return
+            async for r in self._scan():
+                self._count += 1
+                yield r
+                if self._limit is not None and self._count >= self._limit:
+                    return
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
 
-    # -- world ---------------------------------------------------------------------------
+    # -- the source side --------------------------------------------------------------------
 
-    def _make_beacons(self) -> list[_Beacon]:
-        rng = self._rng
-        store_uuid = str(uuid.UUID(int=rng.getrandbits(128), version=4)).upper()
-        major = rng.randrange(1, 65535)
-        out = []
-        for minor in range(1, rng.randint(4, 7)):
-            out.append(
-                _Beacon(
-                    MappingProxyType(
-                        {"frame": "ibeacon", "uuid": store_uuid, "major": major, "minor": minor}
-                    ),
-                    rssi_mean=rng.uniform(-92, -60),
-                    battery=rng.uniform(40, 100),
-                    tx_power=rng.randint(-65, -56),
-                )
-            )
-        namespace = f"{rng.getrandbits(80):020x}"
-        for _ in range(rng.randint(1, 3)):
-            out.append(
-                _Beacon(
-                    MappingProxyType(
-                        {
-                            "frame": "eddystone_uid",
-                            "namespace": namespace,
-                            "instance": f"{rng.getrandbits(48):012x}",
-                        }
-                    ),
-                    rssi_mean=rng.uniform(-92, -60),
-                    battery=rng.uniform(40, 100),
-                    tx_power=rng.randint(-25, -15),
-                )
-            )
-        return out
+    async def _pump(self) -> None:
+        """Source -> the one-slot queue, in lockstep with the processor."""
+        q, clock = self._adverts, self._clock
+        it = aiter(self._source)
+        try:
+            async for a in it:
+                while q:
+                    self._room.clear()
+                    await self._room.wait()
+                now, wall = clock.monotonic(), clock.wall_ms()
+                q.append((a.address, a.rssi, a.manufacturer_data, a.service_data, a.t,
+                          wall + round((a.t - now) * 1000)))
+                self._wake.set()
+            self._end = True
+        except Exception as exc:  # a broken source degrades the driver; it never kills the daemon
+            self._end = exc
+        finally:
+            self._wake.set()
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
-    def _new_phone(self) -> _Phone:
-        rng = self._rng
-        if self._injected:
-            address = self._injected.popleft()
+    # -- what the bleak backend does with what it hears ------------------------------------------
+
+    async def _scan(self) -> AsyncIterator[Reading]:
+        proc, dog, q, clock = self._proc, self._dog, self._adverts, self._clock
+        next_tick = clock.monotonic() + self._tick_s
+        while True:
+            while q:
+                address, rssi, mfr, svc, t, wall = q.popleft()
+                if level := dog.advert(t):
+                    self._log.info("ble_scanner_recovered", adapter=self.cfg.adapter, level=level)
+                for r in proc.advert(address, rssi, mfr, svc, t, wall):
+                    yield r
+            self._room.set()
+            err: DriverError | None = None
+            if clock.monotonic() >= next_tick:
+                ticked, err = await self._tick()
+                for r in ticked:
+                    yield r
+                next_tick = clock.monotonic() + self._tick_s
+            end = self._end if not q else None
+            if err is None and isinstance(end, Exception):
+                err = DriverError(f"the advertisement source failed ({type(end).__name__})",
+                                  reason="sim_source_failed", hint="a bug in the simulation; the driver retries")
+                err.__cause__ = end
+            if err is not None or end is not None:
+                for r in proc.flush(clock.monotonic(), clock.wall_ms()):
+                    yield r
+                if err is not None:
+                    raise err
+                return
+            if not q:
+                await self._wait(next_tick)
+
+    async def _wait(self, until: float) -> None:
+        wait = until - self._clock.monotonic()
+        if wait > 0 and self._end is None:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    async def _tick(self) -> tuple[list[Reading], DriverError | None]:
+        dog, now = self._dog, self._clock.monotonic()
+        out = self._proc.tick(now, self._clock.wall_ms(), scanner_ok=dog.listening(now))
+        action = dog.due(now)
+        if action is not None:
+            try:
+                self._act(action)
+            except DriverError as exc:
+                return out, exc
+        return out, None
+
+    def _act(self, action: Action) -> None:
+        """The watchdog's ladder with no adapter: restarts and power cycles are counted and
+        logged like the bleak backend's; giving up degrades the driver."""
+        name, dog = self.cfg.adapter, self._dog
+        quiet_s = round(dog.quiet, 3)
+        if action == "give_up":
+            self._log.error("ble_scanner_stalled", adapter=name, quiet_s=quiet_s,
+                            restarts=self.cfg.watchdog.restarts, power_cycles=self.cfg.watchdog.power_cycles)
+            raise DriverError(f"no advertisements on {name} for {quiet_s}s after {self.cfg.watchdog.restarts}"
+                              f" scanner restart(s) and {self.cfg.watchdog.power_cycles} power cycle(s)",
+                              reason="scanner_stalled", hint=_STALLED_HINT)
+        if action == "restart":
+            self.scanner_restarts += 1
+            self._log.warning("ble_scanner_restart", adapter=name, quiet_s=quiet_s, level=dog.level)
         else:
-            address = random_private_address(rng, "resolvable" if rng.random() < 0.9 else "static")
-        dwell = math.exp(rng.gauss(math.log(_DWELL_MEDIAN_S), _DWELL_SIGMA))
-        dwell = min(_DWELL_MAX_S, max(_DWELL_MIN_S, dwell))
-        return _Phone(
-            ident=Ident("ble_address", address),
-            leave_at=self._world.t + dwell,
-            distance_m=rng.uniform(2.0, 20.0),
-            rssi_1m=rng.gauss(-59.0, 3.0),
-            tx_power=rng.choice(_TX_POWER_LEVELS) if rng.random() < 0.4 else None,
-        )
-
-    def _step(self) -> None:
-        w, rng = self._world, self._rng
-        w.t += STORE_S_PER_READING
-        while w.t >= w.next_arrival:
-            w.next_arrival += rng.expovariate(1.0 / _MEAN_ARRIVAL_S)
-            if len(w.present) < _MAX_PHONES:
-                phone = self._new_phone()
-                phone.slot = len(w.present)
-                w.present.append(phone)
-                w.seq += 1
-                heapq.heappush(w.leaving, (phone.leave_at, w.seq, phone))
-                w.pending.append(("enter", phone))
-        while w.leaving and w.leaving[0][0] <= w.t:
-            _, _, phone = heapq.heappop(w.leaving)
-            last = w.present.pop()
-            if last is not phone:
-                w.present[phone.slot] = last
-                last.slot = phone.slot
-            w.pending.append(("exit", phone))
-
-    def _rssi(self, phone: _Phone) -> int:
-        rnd = self._rng.random
-        # the phone wanders (multiplicative random walk on its distance); log-distance
-        # path loss (exponent 2.2) plus ~3 dB of Irwin-Hall noise (cheaper than gauss)
-        d = phone.distance_m * (1.0 + 0.4 * (rnd() - 0.5))
-        phone.distance_m = d = 0.5 if d < 0.5 else 30.0 if d > 30.0 else d
-        value = phone.rssi_1m - 22.0 * math.log10(d) + 6.0 * (rnd() + rnd() + rnd() - 1.5)
-        return int(-100.0 if value < -100.0 else -30.0 if value > -30.0 else value)
-
-    def _next_reading(self) -> Reading:
-        w, rng = self._world, self._rng
-        ts = self._clock.wall_ms()
-        if w.pending:
-            what, phone = w.pending.popleft()
-            if what == "enter":
-                phone.enter_ts = ts
-                data: dict[str, Any] = {"kind": "phone", "rssi": self._rssi(phone)}
-                return Reading(
-                    src="ble", type="presence.enter", ts=ts, data=data, ids={"device": phone.ident}
-                )
-            data = {"kind": "phone", "dwell_ms": max(0, ts - phone.enter_ts)}
-            return Reading(src="ble", type="presence.exit", ts=ts, data=data, ids={"device": phone.ident})
-        if not w.present or rng.random() < _P_BEACON:
-            b = rng.choice(self._beacons)
-            if rng.random() < 0.01:
-                b.battery = max(0.0, b.battery - 1.0)
-            data = {
-                **b.fields,
-                "rssi": int(min(-30.0, b.rssi_mean + rng.gauss(0.0, 4.0))),
-                "tx_power": b.tx_power,
-                "battery_pct": int(b.battery),
-            }
-            return Reading(src="ble", type="beacon.seen", ts=ts, data=data)
-        phone = w.present[int(rng.random() * len(w.present))]
-        data = {"kind": "phone", "rssi": self._rssi(phone)}
-        if phone.tx_power is not None:
-            data["tx_power"] = phone.tx_power
-        return Reading(src="ble", type="ble.adv", ts=ts, data=data, ids={"device": phone.ident})
+            self.power_cycles += 1
+            self._log.warning("ble_adapter_power_cycle", adapter=name, quiet_s=quiet_s, level=dog.level)
+        now = self._clock.monotonic()
+        dog.started(now)
+        self._proc.resume(now)

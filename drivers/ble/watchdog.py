@@ -54,6 +54,11 @@ class ScanWatchdog:
     def quiet_for(self, now: float) -> float:
         return now - self._last
 
+    def listening(self, now: float) -> bool:
+        """The scanner is known to work: no action pending and not quiet while expected
+        (beacon.missing is only reported then)."""
+        return self.level == 0 and (not self.expecting or self.quiet_for(now) < self.quiet)
+
     def due(self, now: float) -> Action | None:
         if not self.expecting or now - self._last < self.quiet:
             return None

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import structlog
 
 from drivers.nfc.config import Nfc
-from drivers.nfc.tap import Debouncer, TagRead, TapBuilder
+from drivers.nfc.tap import TagRead, TapSession
 from edge.clock import Clock
 from edge.errors import DriverError
 from edge.events import Reading
@@ -278,26 +278,17 @@ class NfcpyBackend:
         self._frontend = frontend if frontend is not None else nfcpy_frontend
         self._queue_max = queue_max
         self._join_timeout = join_timeout
-        self._builder = TapBuilder(cfg)
-        self._debounce = Debouncer(cfg.debounce)
+        self._taps = TapSession(cfg)
         self._clf: Frontend | None = None
         self._worker: threading.Thread | None = None
-        self._debounced = 0
         self._dropped = 0  # by inboxes of earlier runs
         self._inbox: _Inbox | None = None
 
     def stats(self) -> dict[str, int]:
         """For `status()`: tags resting on the reader now, taps, debounced, dropped, rejections."""
-        c = self._builder.counters
-        return {
-            "resting": self._debounce.resting,
-            "taps": c["taps"],
-            "debounced": self._debounced,
-            "dropped": self._dropped + (self._inbox.dropped if self._inbox is not None else 0),
-            "ndef_rejected": c["ndef_rejected"],
-            "ndef_unreadable": c["ndef_unreadable"],
-            "gs1_rejected": c["gs1_rejected"],
-        }
+        out = self._taps.stats()
+        out["dropped"] = self._dropped + (self._inbox.dropped if self._inbox is not None else 0)
+        return out
 
     async def open(self) -> None:
         """Open the reader (in a thread). Raises `DriverError` when it cannot be opened."""
@@ -337,17 +328,16 @@ class NfcpyBackend:
                 if isinstance(msg, _Failed):
                     raise msg.error
                 if isinstance(msg, _Left):
-                    self._debounce.left(msg.uid, msg.at)
+                    self._taps.left(msg.uid, msg.at)
                     continue
-                if not self._debounce.arrived(msg.read.uid, msg.at):
-                    self._debounced += 1
-                    continue
-                yield self._builder.build(msg.read, msg.ts)
+                reading = self._taps.arrived(msg.read, msg.ts, msg.at)
+                if reading is not None:
+                    yield reading
         finally:
             stop.set()
             self._dropped += inbox.dropped
             self._inbox = None
-            self._debounce.reader_restarted(self._clock.monotonic())
+            self._taps.restarted(self._clock.monotonic())
             await self._join(worker)
 
     async def aclose(self) -> None:

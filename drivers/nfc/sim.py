@@ -1,14 +1,28 @@
-"""Simulated NFC reader: shoppers tapping shelf tags and their loyalty cards.
+"""Simulated NFC reader: synthetic tags (UID + NDEF bytes) through the real tap path.
 
-Each reading is an `nfc.tap`:
+    made-up activations (TagRead: tag type, UID, NDEF octets) -> TapSession -> nfc.tap
+                                                 (debounce, NDEF parsing, GS1, rules)
 
-- product tag (the store's own NTAG on a shelf edge; its UID is infrastructure, not
-  personal): data {kind: "product", gtin: <GTIN-13>, tag_type: "Type2", tag: <tag UID hex>}
-- loyalty card: data {kind: "loyalty", tag_type: "Type2" | "Type4"},
-  ids {"card": Ident("nfc_uid", <7-byte UID hex>), "loyalty": Ident("loyalty_id", <12 digits>)}
+The tags are what a store's reader meets, written as real tags are:
 
-Popular products are tapped more (Zipf weights); loyalty customers come from the shared
-pool (`drivers.base.customer_pool`), so the same customers show up on POS receipts.
+- shelf tags (NTAG, Type 2): a GS1 Digital Link URI record `https://id.gs1.org/01/<GTIN>`,
+  now and then with a batch (`/10/<lot>`) or as a Smart Poster with a title. Their UIDs are
+  the configured `store_tags` (one per product, in order), the rest fixed made-up ones
+  (which the real path treats as any unknown tag's UID: a `card` identifier);
+- loyalty cards (Type 4 ~70 %, else Type 2) of the shared customer pool
+  (`drivers.base.customer_pool`, the same customers as on POS receipts), carrying the
+  member number the way the first configured loyalty rule reads it: after its
+  `uri_prefix` in a URI record, in a `mime_type` record's payload, or as a Text record
+  starting with its `number_prefix`, fitted to its `number_length`. Without a loyalty
+  rule they carry `https://club.freshmart.example/card/<number>` (the real path then
+  says `kind: unknown`, as a real store without that rule would);
+- now and then a bank card (Type 4, no NDEF), a blank sticker (empty NDEF), a tag moved
+  away mid-read (unreadable) and a damaged tag (malformed NDEF, counted as rejected);
+- a hesitant hand: ~3 % of taps are lifted and put back within the debounce interval
+  (debounced: no second reading).
+
+The reader sees one tag at a time; activations are paced at `drivers.nfc.sim.rate` taps
+per second (Poisson) on the injected clock, each resting 0.3-1.5 s on the reader.
 """
 
 from __future__ import annotations
@@ -17,54 +31,72 @@ import asyncio
 import bisect
 import itertools
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
-from drivers.base import SimPacer, Sleep, classify_injected, customer_pool, random_nfc_uid, store_catalogue
-from drivers.nfc.config import Nfc
+import ndef as ndeflib
+
+from drivers.base import Customer, SimPacer, Sleep, classify_injected, customer_pool, random_nfc_uid, store_catalogue
+from drivers.nfc.config import Nfc, NfcRule
+from drivers.nfc.tap import TagRead, TapSession
 from edge.clock import Clock
-from edge.events import Ident, Reading
+from edge.events import Reading
 
+DEFAULT_LOYALTY_PREFIX = "https://club.freshmart.example/card/"
 _P_LOYALTY = 0.3
+_P_BANK_CARD = 0.03
+_P_BLANK = 0.01
+_P_UNREADABLE = 0.01
+_P_DAMAGED = 0.005
+_P_BOUNCE = 0.03
 _TAGS_SEED = 0x7A65
+# (probability, tag type, NDEF octets, read failed): a bank card (no NDEF), a blank sticker,
+# a tag moved away mid-read, a damaged tag (a record claiming 64 payload bytes, holding 7)
+_ODD_TAGS: tuple[tuple[float, str, bytes | None, bool], ...] = (
+    (_P_BANK_CARD, "Type4Tag", None, False),
+    (_P_BLANK, "Type2Tag", b"", False),
+    (_P_UNREADABLE, "Type2Tag", None, True),
+    (_P_DAMAGED, "Type2Tag", b"\xd1\x01\x40U\x04broken", False),
+)
 
 
-@dataclass(slots=True, frozen=True)
-class _Tap:
-    """A prepared tap; each reading gets its own copies (plain dicts, safe to serialize)."""
-
-    data: Mapping[str, Any]
-    ids: Mapping[str, Ident]
+def encode(*records: ndeflib.Record) -> bytes:
+    """An NDEF message of ndeflib records (what a tag's NDEF area holds)."""
+    return b"".join(ndeflib.message_encoder(list(records)))
 
 
-def _product_taps() -> tuple[_Tap, ...]:
-    rng = random.Random(_TAGS_SEED)  # the store's shelf tags are fixed, whatever the seed
-    return tuple(
-        _Tap(
-            MappingProxyType(
-                {"kind": "product", "gtin": p.code, "tag_type": "Type2", "tag": random_nfc_uid(rng)}
-            ),
-            MappingProxyType({}),
-        )
-        for p in store_catalogue()
-        if p.code_kind == "gtin"
-    )
+def shelf_tag_uids(count: int) -> list[str]:
+    """The made-up UIDs of the simulated shelf tags (fixed, whatever the seed), upper hex."""
+    rng = random.Random(_TAGS_SEED)
+    return [random_nfc_uid(rng) for _ in range(count)]
 
 
-def _loyalty_tap(uid: str, loyalty: str, tag_type: str) -> _Tap:
-    return _Tap(
-        MappingProxyType({"kind": "loyalty", "tag_type": tag_type}),
-        MappingProxyType({"card": Ident("nfc_uid", uid), "loyalty": Ident("loyalty_id", loyalty)}),
-    )
+def _fit(number: str, rule: NfcRule | None) -> str:
+    """The customer's number shaped as `rule` expects it (prefix, length)."""
+    if rule is None:
+        return number
+    prefix = rule.number_prefix or ""
+    lo, hi = rule.number_length
+    digits = prefix + number[len(prefix):] if prefix and not number.startswith(prefix) else number
+    length = max(lo, min(hi, len(digits)))
+    return (digits + "0" * length)[:length]
+
+
+def loyalty_message(number: str, rule: NfcRule | None) -> bytes:
+    """The NDEF message of a loyalty card as `rule` reads it (see the module docstring)."""
+    if rule is None:
+        return encode(ndeflib.UriRecord(DEFAULT_LOYALTY_PREFIX + number))
+    if rule.uri_prefix is not None:
+        return encode(ndeflib.UriRecord(rule.uri_prefix + number))
+    if rule.mime_type is not None:
+        return encode(ndeflib.Record(rule.mime_type, "", f'{{"member": "{number}"}}'.encode()))
+    return encode(ndeflib.TextRecord(f"Member {number}", "en"))
 
 
 class NfcSim:
-    """Simulated NFC backend (see the module docstring for what it yields).
+    """Simulated NFC backend (see the module docstring for what it reads).
 
     `inject`: raw identifiers for the leak test (see `drivers.base.classify_injected`).
-    The first taps are loyalty-card taps using the injected NFC UIDs and loyalty numbers,
+    The first taps are loyalty cards with the injected NFC UIDs and loyalty numbers,
     paired in order (the k-th injected UID with the k-th injected loyalty number; where
     one list is shorter, a pool customer's value fills in). `limit`: stop after that
     many readings. `sleep`: used for pacing.
@@ -86,20 +118,22 @@ class NfcSim:
         self._limit = limit
         self._count = 0
         self._pacer = SimPacer(cfg.sim.rate, clock, sleep, self._rng)
-        self._products = _product_taps()
-        self._cum_weights = list(itertools.accumulate(1.0 / (i + 1) for i in range(len(self._products))))
-        self._order = list(range(len(self._products)))
+        self._session = TapSession(cfg)
+        self._rule = next((r for r in cfg.rules if r.kind == "loyalty"), None)
+        self._shelf = self._shelf_tags(cfg)
+        self._cum_weights = list(itertools.accumulate(1.0 / (i + 1) for i in range(len(self._shelf))))
+        self._order = list(range(len(self._shelf)))
         self._rng.shuffle(self._order)  # which products are popular depends on the seed
         self._customers = customer_pool()
-        self._customer_taps = [_loyalty_tap(c.card_uid, c.loyalty, c.tag_type) for c in self._customers]
+        self._cards: dict[int, TagRead] = {}
         inj = classify_injected(inject)
         uids, numbers = inj["nfc_uid"], inj["loyalty_id"]
-        self._injected: list[_Tap] = []
+        self._injected: list[TagRead] = []
         for k in range(max(len(uids), len(numbers))):
             c = self._customers[k]
             uid = uids[k] if k < len(uids) else c.card_uid
             number = numbers[k] if k < len(numbers) else c.loyalty
-            self._injected.append(_loyalty_tap(uid, number, c.tag_type))
+            self._injected.append(self._card(c, uid, number))
         self._injected.reverse()
 
     async def open(self) -> None:
@@ -108,23 +142,72 @@ class NfcSim:
     async def aclose(self) -> None:
         """Nothing to release."""
 
+    def stats(self) -> dict[str, int]:
+        """The nfcpy backend's counters (no identifiers)."""
+        return {**self._session.stats(), "dropped": 0}
+
     async def readings(self) -> AsyncIterator[Reading]:
-        pacer = self._pacer
+        pacer, session, clock, rng = self._pacer, self._session, self._clock, self._rng
+        lifted: tuple[bytes, float] | None = None  # the last tag and when it leaves the reader
         while self._limit is None or self._count < self._limit:
             delay = pacer.next_delay()
             if delay is not None:
                 await pacer.sleep(delay)
-            tap = self._next_tap()
-            self._count += 1
-            yield Reading(
-                src="nfc", type="nfc.tap", ts=self._clock.wall_ms(), data=dict(tap.data), ids=dict(tap.ids)
-            )
+            read = self._next_tag()
+            at, ts = clock.monotonic(), clock.wall_ms()
+            if lifted is not None:  # one reader: the previous tag is gone by now
+                session.left(lifted[0], min(lifted[1], at))
+            hold = rng.uniform(0.3, 1.5)
+            got = [session.arrived(read, ts, at)]
+            if rng.random() < _P_BOUNCE:  # lifted and put back at once: the same tap
+                session.left(read.uid, at + 0.2)
+                again = at + 0.2 + rng.uniform(0.05, 0.3)
+                got.append(session.arrived(read, ts + round((again - at) * 1000), again))
+            lifted = (read.uid, at + hold)
+            for reading in got:
+                if reading is not None and (self._limit is None or self._count < self._limit):
+                    self._count += 1
+                    yield reading
 
-    def _next_tap(self) -> _Tap:
+    # -- the tags -------------------------------------------------------------------------
+
+    def _shelf_tags(self, cfg: Nfc) -> list[TagRead]:
+        products = [p for p in store_catalogue() if p.code_kind == "gtin"]
+        configured = list(cfg.store_tags)
+        made = shelf_tag_uids(len(products))
+        uids = [configured[i] if i < len(configured) else made[i] for i in range(len(products))]
+        rng = random.Random(_TAGS_SEED + 1)
+        out = []
+        for i, p in enumerate(products):
+            link = f"https://id.gs1.org/01/{p.code}"
+            if rng.random() < 0.2:
+                link += f"/10/L{rng.randrange(10**5):05d}"
+            if rng.random() < 0.2:
+                octets = encode(ndeflib.SmartposterRecord(link, p.name.title()))
+            else:
+                octets = encode(ndeflib.UriRecord(link))
+            out.append(TagRead("Type2Tag", bytes.fromhex(uids[i]), octets))
+        return out
+
+    def _card(self, c: Customer, uid: str, number: str) -> TagRead:
+        kind = "Type4Tag" if c.tag_type == "Type4" else "Type2Tag"
+        return TagRead(kind, bytes.fromhex(uid), loyalty_message(_fit(number, self._rule), self._rule))
+
+    def _next_tag(self) -> TagRead:
         rng = self._rng
         if self._injected:
             return self._injected.pop()
-        if rng.random() < _P_LOYALTY:
-            return self._customer_taps[int(rng.random() * len(self._customer_taps))]
+        r = rng.random()
+        if r < _P_LOYALTY:
+            k = int(rng.random() * len(self._customers))
+            if k not in self._cards:
+                c = self._customers[k]
+                self._cards[k] = self._card(c, c.card_uid, c.loyalty)
+            return self._cards[k]
+        r -= _P_LOYALTY
+        for p, tag_type, ndef, failed in _ODD_TAGS:
+            if r < p:
+                return TagRead(tag_type, bytes.fromhex(random_nfc_uid(rng)), ndef, ndef_failed=failed)
+            r -= p
         rank = bisect.bisect(self._cum_weights, rng.random() * self._cum_weights[-1])
-        return self._products[self._order[min(rank, len(self._order) - 1)]]
+        return self._shelf[self._order[min(rank, len(self._order) - 1)]]

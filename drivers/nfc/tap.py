@@ -132,3 +132,38 @@ class TapBuilder:
             ids["loyalty"] = Ident("loyalty_id", found.loyalty)
         self.counters["taps"] += 1
         return Reading(src="nfc", type="nfc.tap", ts=ts, data=data, ids=ids)
+
+
+class TapSession:
+    """What a backend does with what its reader saw: `arrived()` per activation (a reading,
+    or None when debounced), `left()` when the tag is gone, `restarted()` when the reader
+    was reopened. The nfcpy backend and the sim backend both run this."""
+
+    def __init__(self, cfg: Nfc) -> None:
+        self.builder = TapBuilder(cfg)
+        self.debounce = Debouncer(cfg.debounce)
+        self.debounced = 0
+
+    def arrived(self, read: TagRead, ts: int, at: float) -> Reading | None:
+        if not self.debounce.arrived(read.uid, at):
+            self.debounced += 1
+            return None
+        return self.builder.build(read, ts)
+
+    def left(self, uid: bytes, at: float) -> None:
+        self.debounce.left(uid, at)
+
+    def restarted(self, now: float) -> None:
+        self.debounce.reader_restarted(now)
+
+    def stats(self) -> dict[str, int]:
+        """Tags resting on the reader now, taps, debounced, rejections (no identifiers)."""
+        c = self.builder.counters
+        return {
+            "resting": self.debounce.resting,
+            "taps": c["taps"],
+            "debounced": self.debounced,
+            "ndef_rejected": c["ndef_rejected"],
+            "ndef_unreadable": c["ndef_unreadable"],
+            "gs1_rejected": c["gs1_rejected"],
+        }

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import re
 import termios
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
@@ -39,20 +38,9 @@ from typing import Any
 import serial
 import structlog
 
-from drivers.pos.config import RULE_FLAGS, PosLink
-from drivers.pos.framing import (
-    EscPosFramer,
-    Framer,
-    JsonFrame,
-    JsonLinesFramer,
-    LinesFramer,
-    Output,
-    Problem,
-    Reply,
-    StxEtxFramer,
-    TextFrame,
-)
-from drivers.pos.receipt import ReceiptParser
+from drivers.pos.config import PosLink
+from drivers.pos.framing import JsonFrame, TextFrame
+from drivers.pos.link import LOG_EVERY_S, LinkDecoder, make_framer
 from edge.clock import Clock
 from edge.errors import DriverError
 from edge.events import Reading
@@ -60,7 +48,7 @@ from edge.events import Reading
 HIGH_WATER = 64  # frames waiting for the consumer before reading pauses
 LOW_WATER = 16  # ... and resumes
 READ_SIZE = 4096
-LOG_EVERY_S = 10.0
+__all__ = ["HIGH_WATER", "LOG_EVERY_S", "LOW_WATER", "READ_SIZE", "PosSerial", "make_framer", "open_serial"]
 
 _PARITY = {
     "none": serial.PARITY_NONE,
@@ -71,20 +59,6 @@ _PARITY = {
 }
 _STOPBITS = {1: serial.STOPBITS_ONE, 1.5: serial.STOPBITS_ONE_POINT_FIVE, 2: serial.STOPBITS_TWO}
 _GONE_ERRNOS = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF}
-
-
-def make_framer(link: PosLink) -> Framer:
-    """The framer `link.framing` names, with the link's options."""
-    enc, max_frame = link.text_encoding, link.max_frame
-    term = link.terminator.encode("ascii")
-    if link.framing == "lines":
-        end = re.compile(link.receipt_end, RULE_FLAGS) if link.receipt_end else None
-        return LinesFramer(terminator=term, encoding=enc, max_frame=max_frame, receipt_end=end)
-    if link.framing == "stx_etx":
-        return StxEtxFramer(encoding=enc, max_frame=max_frame, ack=link.ack)
-    if link.framing == "escpos":
-        return EscPosFramer(encoding=enc, max_frame=max_frame)
-    return JsonLinesFramer(terminator=term, max_frame=max_frame)
 
 
 def open_serial(link: PosLink) -> serial.Serial:
@@ -160,19 +134,17 @@ class PosSerial:
         self._link = link
         self._clock = clock
         self._open_port = open_port
-        self._parser = ReceiptParser(link.receipt)  # for jsonl's structured receipts
         self._port: serial.Serial | None = None
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._framer: Framer = make_framer(link)
-        self._frames: deque[TextFrame | JsonFrame] = deque()
+        self._link_decoder = LinkDecoder(link, clock, self._reply)
+        self._frames: deque[TextFrame | JsonFrame] = self._link_decoder.frames
         self._failure: Exception | None = None
         self._wake = asyncio.Event()
         self._reading = False
         self._last_rx = 0.0
         self._gap = link.gap_s
-        self.problems: Counter[str] = Counter()
-        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (last log time, count then)
+        self.problems: Counter[str] = self._link_decoder.problems
         self._log = structlog.get_logger("drivers.pos")
 
     async def open(self) -> None:
@@ -185,8 +157,7 @@ class PosSerial:
             raise _open_error(self._link, exc) from exc
         self._port = port
         self._fd = port.fileno()
-        self._framer = make_framer(self._link)
-        self._frames.clear()
+        self._link_decoder.restart()
         self._failure = None
         self._log.info("pos_port_open", link=self._link.name, framing=self._link.framing)
 
@@ -194,8 +165,7 @@ class PosSerial:
         """Stop reading and close the port. Safe to call more than once."""
         self._pause()
         port, self._port, self._fd = self._port, None, -1
-        self._handle(self._framer.reset())
-        self._frames.clear()
+        self._link_decoder.reset()
         if port is not None:
             with contextlib.suppress(OSError, termios.error):
                 # drop unsent output (an ACK to a POS holding CTS low): otherwise close() waits
@@ -217,7 +187,7 @@ class PosSerial:
                     frame = self._frames.popleft()
                     if len(self._frames) <= LOW_WATER:
                         self._resume()
-                    reading = self._to_reading(frame)
+                    reading = self._link_decoder.reading(frame)
                     if reading is not None:
                         yield reading
                     continue
@@ -226,7 +196,7 @@ class PosSerial:
                     raise failure
                 self._wake.clear()
                 timeout = None
-                if gap > 0 and self._framer.buffered and self._last_rx != idled_at:
+                if gap > 0 and self._link_decoder.framer.buffered and self._last_rx != idled_at:
                     timeout = max(0.0, self._last_rx + gap - self._loop.time())
                 try:
                     async with asyncio.timeout(timeout):
@@ -234,7 +204,8 @@ class PosSerial:
                 except TimeoutError:
                     if self._loop.time() - self._last_rx >= gap:
                         idled_at = self._last_rx  # one idle() per silence, even if bytes stay held
-                        self._handle(self._framer.idle())
+                        self._link_decoder.idle()
+                        self._frames_ready()
         finally:
             self._pause()
 
@@ -252,18 +223,12 @@ class PosSerial:
             self._fail(None)
             return
         self._last_rx = asyncio.get_running_loop().time()
-        self._handle(self._framer.feed(data))
+        self._link_decoder.feed(data)
+        self._frames_ready()
         if self._gap > 0:  # the consumer (re)arms its silence timer from _last_rx
             self._wake.set()
 
-    def _handle(self, outs: list[Output]) -> None:
-        for out in outs:
-            if isinstance(out, TextFrame | JsonFrame):
-                self._frames.append(out)
-            elif isinstance(out, Reply):
-                self._reply(out.data)
-            else:
-                self._problem(out)
+    def _frames_ready(self) -> None:
         if self._frames:
             self._wake.set()
             if len(self._frames) >= HIGH_WATER:
@@ -278,19 +243,6 @@ class PosSerial:
             self.problems["reply_dropped"] += 1
         except OSError as exc:
             self._fail(exc)
-
-    def _problem(self, p: Problem) -> None:
-        self.problems[p.reason] += 1
-        total = self.problems[p.reason]
-        now = self._clock.monotonic()
-        last = self._logged.get(p.reason)
-        if last is not None and now - last[0] < LOG_EVERY_S:
-            return
-        since = total - (last[1] if last is not None else 0)
-        self._logged[p.reason] = (now, total)
-        self._log.warning(
-            "pos_bad_input", link=self._link.name, reason=p.reason, size=p.size, total=total, since_last_log=since
-        )
 
     def _fail(self, exc: OSError | None) -> None:
         self._pause()
@@ -321,30 +273,12 @@ class PosSerial:
             self._loop.add_reader(self._fd, self._on_readable)
             self._reading = True
 
-    def _to_reading(self, frame: TextFrame | JsonFrame) -> Reading | None:
-        ts = self._clock.wall_ms()
-        register = self._link.name
-        if isinstance(frame, TextFrame):
-            return Reading(
-                src="pos", type="pos.receipt_text", ts=ts, data={"register": register}, text={"receipt": frame.text}
-            )
-        text = frame.obj.get("receipt", frame.obj.get("text"))
-        if isinstance(text, str):  # a receipt's text in JSON: scrubbed and parsed by the pipeline
-            return Reading(
-                src="pos", type="pos.receipt_text", ts=ts, data={"register": register}, text={"receipt": text}
-            )
-        data, ids = self._parser.from_json(frame.obj, register)
-        if not (data["items"] or data["total_cents"] is not None or data["receipt_id"]):
-            self._problem(Problem("json"))  # an object, but not a receipt
-            return None
-        return Reading(src="pos", type="pos.receipt", ts=ts, data=data, ids=ids)
-
     def status(self) -> dict[str, Any]:
         """Bad-input counts by reason (no content), whether the port is open, and what is
         held in memory: bytes/characters of unfinished messages and frames waiting."""
         return {
             "problems": dict(self.problems),
             "port_open": self._port is not None,
-            "buffered": self._framer.buffered,
+            "buffered": self._link_decoder.framer.buffered,
             "queued": len(self._frames),
         }

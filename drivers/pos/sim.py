@@ -1,24 +1,37 @@
-"""Simulated POS link: receipts as the text a receipt-printer tap sees.
+"""Simulated POS link: receipts as synthetic serial bytes through the real link path.
 
-One `PosSim` per configured link (register). Each reading is
+One `PosSim` per configured link (register). Each receipt is composed as text, encoded
+as the bytes the link's `framing` carries, fed in random chunks (as reads off a serial
+port come) to the same `LinkDecoder` as the serial backend (framer, bad-input counts,
+frame -> reading), so readings are exactly the serial backend's:
 `Reading(src="pos", type="pos.receipt_text", data={"register": <link name>},
-text={"receipt": <full receipt text>})`. A receipt has a store header, the register and
-receipt number, item pairs (a name line, then `<GTIN or "SKU nnnn">  <qty> x <price>
-<line total>`), SUBTOTAL/TOTAL, VAT, often a `Loyalty: <12 digits>` line, and a payment:
-cash, or a card scheme with a masked PAN (`VISA ************1234`). Like real,
-misconfigured printers, now and then (~5 %) it prints the full Luhn-valid card number
-instead, and sometimes an e-mail address (`Receipt sent to ...`, ~5 %) or a phone number
-(`Delivery contact: ...`, ~3 %). Those are what the pipeline's scrubbers must catch.
+text={"receipt": <receipt text>})`. The bytes per framing:
+
+- lines: the text's lines, each ended by `terminator`, then a form feed;
+- stx_etx: STX, the text, ETX, LRC (replies, with `ack`, go nowhere);
+- escpos: ESC @, ESC t 0, the header centred and bold (ESC a, ESC E), the lines with LF,
+  a paper cut (GS V 66 0);
+- jsonl: one JSON object per line, `{"receipt": <text>}`.
+
+A receipt has a store header, the register and receipt number, item pairs (a name line,
+then `<GTIN or "SKU nnnn">  <qty> x <price>  <line total>`), SUBTOTAL/TOTAL, VAT, often a
+`Loyalty: <12 digits>` line, and a payment: cash, or a card scheme with a masked PAN
+(`VISA ************1234`). Like real, misconfigured printers, now and then (~5 %) it
+prints the full Luhn-valid card number instead, and sometimes an e-mail address
+(`Receipt sent to ...`, ~5 %) or a phone number (`Delivery contact: ...`, ~3 %). Those are
+what the pipeline's scrubbers must catch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from drivers.base import (
     Product,
@@ -30,6 +43,8 @@ from drivers.base import (
     store_catalogue,
 )
 from drivers.pos.config import PosLink
+from drivers.pos.framing import lrc
+from drivers.pos.link import LinkDecoder
 from edge.clock import Clock
 from edge.events import Reading
 
@@ -76,6 +91,29 @@ def random_pan(rng: random.Random, scheme: str) -> str:
     return luhn_complete(body)
 
 
+def encode_receipt(link: PosLink, text: str) -> bytes:
+    """A receipt's text as the bytes `link.framing` carries (see the module docstring)."""
+    enc = link.text_encoding
+    term = link.terminator.encode("ascii")
+    if link.framing == "lines":
+        return b"".join(line.encode(enc, "replace") + term for line in text.split("\n")) + b"\f"
+    if link.framing == "stx_etx":
+        body = text.encode(enc, "replace")
+        return b"\x02" + body + b"\x03" + bytes([lrc(body)])
+    if link.framing == "jsonl":
+        return json.dumps({"receipt": text}).encode() + term
+    lines = text.split("\n")
+    out = bytearray(b"\x1b@\x1bt\x00\x1ba\x01\x1bE\x01")
+    header = next((i for i, ln in enumerate(lines) if not ln.strip()), 0)
+    for i, line in enumerate(lines):
+        if i == header:
+            out += b"\x1bE\x00\x1ba\x00"  # header done: plain, left-aligned
+        out += line.strip().encode(enc, "replace") if i < header else line.encode(enc, "replace")
+        out += b"\n"
+    out += b"\x1dVB\x00"  # feed and cut
+    return bytes(out)
+
+
 class PosSim:
     """Simulated POS backend for one link (see the module docstring for what it yields).
 
@@ -105,6 +143,8 @@ class PosSim:
         self._limit = limit
         self._count = 0
         self._pacer = SimPacer(link.sim.rate, clock, sleep, self._rng)
+        self._chunks = random.Random(self._rng.getrandbits(64))  # own stream: chunking changes no receipt
+        self._decoder = LinkDecoder(link, clock)
         digits = "".join(ch for ch in link.name if ch.isdigit())
         self._register_no = int(digits[-2:]) if digits else zlib.crc32(link.name.encode()) % 90 + 1
         self._receipt_no = self._rng.randrange(1, 5000)
@@ -123,22 +163,32 @@ class PosSim:
     async def aclose(self) -> None:
         """Nothing to release."""
 
+    def status(self) -> dict[str, Any]:
+        """The serial backend's status keys (no content)."""
+        return {"problems": dict(self._decoder.problems), "port_open": True,
+                "buffered": self._decoder.framer.buffered, "queued": len(self._decoder.frames)}
+
     async def readings(self) -> AsyncIterator[Reading]:
-        pacer = self._pacer
+        pacer, dec = self._pacer, self._decoder
         while self._limit is None or self._count < self._limit:
             delay = pacer.next_delay()
             if delay is not None:
                 await pacer.sleep(delay)
-            ts = self._clock.wall_ms()
-            text = self.compose(ts)
-            self._count += 1
-            yield Reading(
-                src="pos",
-                type="pos.receipt_text",
-                ts=ts,
-                data={"register": self._link.name},
-                text={"receipt": text},
-            )
+            data = self.wire(self._clock.wall_ms())
+            i = 0
+            while i < len(data):  # reads off a port come in chunks of any size
+                n = self._chunks.randint(1, 512)
+                dec.feed(data[i : i + n])
+                i += n
+            while dec.frames and (self._limit is None or self._count < self._limit):
+                reading = dec.reading(dec.frames.popleft())
+                if reading is not None:
+                    self._count += 1
+                    yield reading
+
+    def wire(self, ts: int) -> bytes:
+        """The bytes of the next receipt, printed at wall time `ts` (ms), in the link's framing."""
+        return encode_receipt(self._link, self.compose(ts))
 
     def compose(self, ts: int) -> str:
         """One receipt's text, printed at wall time `ts` (ms)."""
