@@ -236,10 +236,10 @@ class Config(Model):
     @model_validator(mode="after")
     def _analytics_needs(self) -> Config:
         if self.privacy.mode == "aggregate" and not self.analytics.enabled:
-            raise ValueError("privacy.mode aggregate publishes only analytics: set analytics.enabled: true")
+            raise ValueError("privacy.mode needs analytics.enabled: true (aggregate publishes only analytics)")
         if self.analytics.enabled and self.privacy.classes["ble_address"].policy == "drop":
-            raise ValueError("analytics follows visits by their pseudonyms: privacy.classes.ble_address "
-                             "must not be drop when analytics.enabled")
+            raise ValueError("privacy.classes.ble_address.policy must not be drop when analytics.enabled: analytics "
+                             "follows visits by their pseudonyms (in memory only)")
         return self
 
     @property

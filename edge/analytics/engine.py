@@ -223,6 +223,8 @@ class StoreAnalytics:
             v = self._orphan(data, ts)
             if v is None:
                 return
+        if isinstance(pid, str) and self._recent:  # nothing of a finished session stays behind
+            self._recent = deque(e for e in self._recent if e[1] != pid)
         if v.staff:
             self._staff -= 1
             self._uncount(len(self.zones), ts)
@@ -354,15 +356,15 @@ class StoreAnalytics:
             self._next_sample = now // self._sample * self._sample
         while self._next_sample <= now:
             g = self._next_sample
+            staff_before = g - self._staff_ms
+            for v in self._visits.values():
+                if not v.staff and v.start <= staff_before:
+                    self._make_staff(v, since=g, new=True)
             counts = [*self._occ, self._staff]
             self._acc(g).samples.append(counts)
             self._recent_samples.append((g, counts))
             self._staff_peak_today = max(self._staff_peak_today, self._staff)
             self._next_sample += self._sample
-            staff_before = g - self._staff_ms
-            for v in self._visits.values():
-                if not v.staff and v.start <= staff_before:
-                    self._make_staff(v, since=g, new=True)
         horizon = now - self._keep_ms
         while self._recent_samples and self._recent_samples[0][0] < horizon:
             self._recent_samples.popleft()
