@@ -185,7 +185,7 @@ def test_a_visit_spanning_an_address_rotation_counts_once_with_its_whole_dwell()
 def test_no_rotation_is_inferred_when_the_new_address_does_not_look_like_the_old(
         why: str, new_at: int, new_rssi: int, new_zone: str, weak_ms: int) -> None:
     clock = at(H9)
-    a = engine(clock)
+    a = engine(clock, rotation_rssi=8)
     enter(a, "ble:e1:old", H9)
     run_to(a, clock, H9 + 300_000)
     enter(a, "ble:e1:new", H9 + new_at, rssi=new_rssi, zone=new_zone)

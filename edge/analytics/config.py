@@ -20,7 +20,7 @@ class Analytics(Model):
     staff_after: Duration = Field(default=3 * 3600.0, ge=600)  # a visit this long is staff or a fixed device
     rotation: bool = True  # link a visit across a private-address rotation (inferred, never stored)
     rotation_gap: Duration = Field(default=10.0, gt=0, le=120)  # the new address appears this soon after the old
-    rotation_rssi: int = Field(default=8, ge=1, le=40)  # dB between the old's last and the new's first RSSI
+    rotation_rssi: int = Field(default=20, ge=1, le=40)  # dB between the old's last and the new's first RSSI
     sample_every: Duration = Field(default=10.0, ge=1, le=300)  # occupancy sampling period
     max_gtins: int = Field(default=200, ge=1, le=10_000)  # distinct GTINs per interval; the rest: taps_other
 

@@ -270,16 +270,19 @@ class StoreAnalytics:
         best, score = None, math.inf
         lo, hi, tol = ts - _BEFORE_MS, ts + self._gap, self._tol
         visits = self._visits
-        for e_ts, pid, z, e_rssi in reversed(self._recent):
+        for e_ts, pid, _z, e_rssi in reversed(self._recent):
             if e_ts < lo:
                 break
             if e_ts > hi:
                 continue
             dr = abs(e_rssi - rssi)
-            if dr > tol or (z != zone and 2 * dr > tol):
+            if dr > tol:
                 continue
             v = visits.get(pid)
             if v is None or v.linked or v.enter != e_ts:
+                continue
+            z = v.zone  # where the new session is now (smoothed since its enter), else where it entered
+            if z != zone and 2 * dr > tol:
                 continue
             s = abs(e_ts - ts) / self._gap + dr / tol + (0.5 if z != zone else 0.0)
             if s < score:
