@@ -23,6 +23,7 @@ zone events on, over the same recorded adverts, in this run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -137,9 +138,13 @@ def throughput(state: Path, n: int) -> bool:
     garbage; 5,000 adverts per store second): its path (b) (decode + beacons + presence +
     pseudonyms) as the baseline, then the same with zone events, the pipeline's stages and
     analytics (two instances) on every reading, over the same adverts."""
-    from scripts.bench_ble import STORE_RATE, Crowd
-
-    crowd = Crowd(500, dwell_s=20.0, rotate_s=60.0)
+    spec = importlib.util.spec_from_file_location("bench_ble", Path(__file__).with_name("bench_ble.py"))
+    if spec is None or spec.loader is None:
+        raise RuntimeError("scripts/bench_ble.py not found")
+    bench_ble: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ble)
+    STORE_RATE = bench_ble.STORE_RATE
+    crowd = bench_ble.Crowd(500, dwell_s=20.0, rotate_s=60.0)
     adverts = [crowd.advert(i / STORE_RATE) for i in range(n)]
     rates = {}
     for label, with_analytics in (("bench_ble (b): presence + pseudonyms", False), ("+ pipeline + analytics", True)):

@@ -28,3 +28,19 @@ def test_footfall_and_conversion_follow_the_truth_with_rotation_and_staff_in_the
     rows = edge.rows("rotation")
     assert rows
     assert all("ble:" not in repr(r) for r in rows)
+
+
+async def test_the_store_is_an_advertisement_source_in_time_order_on_the_clock_it_advances() -> None:
+    """hil/store/source.py: what the BLE sim backend's seam iterates (t non-decreasing on the
+    clock's monotonic timeline, the clock moved along), built by the given constructor."""
+    from edge.clock import FakeClock
+    from hil.store.source import store_adverts
+
+    day = StoreDay(seed=3, shoppers=20, staff=1, fixed=1, start_h=9.0, end_h=9.5, open_h=9.0, close_h=9.4)
+    clock = FakeClock(mono=0.0)
+    got = [a async for a in store_adverts(day, clock, lambda t, address, rssi: (t, address, rssi))]
+    assert len(got) > 500
+    ts = [t for t, _, _ in got]
+    assert ts == sorted(ts)
+    assert clock.mono >= ts[-1]
+    assert all(-100 <= rssi <= 0 and len(address) == 17 for _, address, rssi in got)

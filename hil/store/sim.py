@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 ZONES = ("entrance", "floor", "till")
 ZONE_RSSI = {"entrance": -74.0, "floor": -66.0, "till": -56.0}
@@ -86,7 +87,7 @@ class Truth:
         return sum(1 for s, _ in self.visits if lo <= s < hi)
 
 
-Sink = Callable[[str, tuple[object, ...], float], None]  # (kind, payload, store second)
+Sink = Callable[[str, tuple[Any, ...], float], None]  # (kind, payload, store second)
 
 
 class StoreDay:
@@ -166,7 +167,20 @@ class StoreDay:
         fading = 10.0 * math.log10(max(1e-4, rng.expovariate(1.0)))
         return round(ZONE_RSSI[zone] + d.offset + fading + rng.gauss(0, 2.0))
 
-    def run(self, sink: Sink, on_second: Callable[[float], None] | None = None) -> Truth:  # noqa: PLR0912 - one loop over the world
+    def run(self, sink: Sink, on_second: Callable[[float], None] | None = None) -> Truth:
+        """Every advertisement, tap and receipt to `sink`; `on_second(t)` after each store second."""
+        for kind, payload, t in self.steps():
+            if kind == "second":
+                if on_second is not None:
+                    on_second(t)
+            else:
+                sink(kind, payload, t)
+        return self.truth
+
+    def steps(self) -> Iterator[tuple[str, tuple[Any, ...], float]]:  # noqa: PLR0912 - one loop over the world
+        """The day as (kind, payload, store second): "advert" (address, rssi), "tap" (NDEF
+        bytes, UID), "receipt" (text,) and "second" () at the end of each store second; the
+        truth is complete when it is exhausted."""
         rng = self.rng
         present: list[_Device] = []
         arrivals, taps, pays = self._arrivals, self._taps, self._pays
@@ -197,13 +211,13 @@ class StoreDay:
                     d.address, d.rotate_at = rpa(rng), t + rng.uniform(780, 1020)
                     self.truth.rotations += 1
                 if rng.random() < 0.9:
-                    sink("advert", (d.address, max(-100, rssi)), t + rng.random())
+                    yield "advert", (d.address, max(-100, rssi)), t + rng.random()
             present = keep
             while ti < len(taps) and taps[ti][0] <= t:
-                sink("tap", (ndef_uri(taps[ti][1]), bytes(rng.getrandbits(8) for _ in range(7))), t)
+                yield "tap", (ndef_uri(taps[ti][1]), bytes(rng.getrandbits(8) for _ in range(7))), t
                 ti += 1
             while pi < len(pays) and pays[pi][0] <= t:
-                sink("receipt", (receipt_text(rng, pays[pi][1], pays[pi][2]),), t)
+                yield "receipt", (receipt_text(rng, pays[pi][1], pays[pi][2]),), t
                 pi += 1
             if int(t) % 10 == 0:
                 occ = self.truth.occupancy.setdefault(int(t) // interval, {z: [] for z in ZONES})
@@ -213,7 +227,5 @@ class StoreDay:
                         counts[d.plan[0][1]] += 1
                 for z in ZONES:
                     occ[z].append(counts[z])
-            if on_second is not None:
-                on_second(t)
+            yield "second", (), t
             t += 1.0
-        return self.truth
