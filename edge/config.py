@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from drivers.ble.config import Ble
 from drivers.nfc.config import Nfc
 from drivers.pos.config import PosLink
+from edge.analytics.config import Analytics
 from edge.configbase import ID_PATTERN, Model, SimRate, SpecId
 from edge.events import IDENT_CLASSES, SOURCES, IdentClass, Source
 from edge.units import Duration, Size
@@ -52,6 +53,9 @@ def _default_classes() -> dict[IdentClass, ClassPolicy]:
 
 
 class Privacy(Model):
+    # events: per-person events (with pseudonyms) go to the buffer and uplink, as always;
+    # aggregate: only analytics.* and edge.* events leave the device (needs analytics.enabled)
+    mode: Literal["events", "aggregate"] = "events"
     ephemeral_rotation: Duration = Field(default=86400.0, gt=0)
     # file of consented stable pseudonyms, one per line; reloaded when it changes
     consent_file: Path | None = None
@@ -262,6 +266,16 @@ class Config(Model):
     drivers: Drivers = Field(default_factory=Drivers)
     health: Health = Field(default_factory=Health)
     logging: Logging = Field(default_factory=Logging)
+    analytics: Analytics = Field(default_factory=Analytics)
+
+    @model_validator(mode="after")
+    def _analytics_needs(self) -> Config:
+        if self.privacy.mode == "aggregate" and not self.analytics.enabled:
+            raise ValueError("privacy.mode needs analytics.enabled: true (aggregate publishes only analytics)")
+        if self.analytics.enabled and self.privacy.classes["ble_address"].policy == "drop":
+            raise ValueError("privacy.classes.ble_address.policy must not be drop when analytics.enabled: analytics "
+                             "follows visits by their pseudonyms (in memory only)")
+        return self
 
     @property
     def buffer_path(self) -> Path:

@@ -131,6 +131,13 @@ def _duplicates(node: yaml.Node, loc: Loc, where: str) -> list[Problem]:
 def _describe(err: Any, where: str, root: yaml.Node, data: Any) -> Problem:
     loc: Loc = tuple(err["loc"])
     kind, msg, ctx = err["type"], str(err["msg"]).removeprefix("Value error, "), err.get("ctx") or {}
+    if kind == "value_error" and not loc:  # a check across sections names the key it is about first
+        head, _, rest = msg.partition(" ")
+        path = tuple(head.split("."))
+        if _walk(data, path) is not _NOTHING:
+            loc, msg = path, rest
+        else:
+            return 1, f"{where}:1: {msg}"
     if kind == "value_error" and isinstance(raw := _walk(data, loc), dict) and msg.split(" ")[0] in raw:
         loc = (*loc, msg.split(" ")[0])  # "card_number is always dropped": point at card_number itself
     if kind == "missing":

@@ -28,11 +28,14 @@ import structlog
 from drivers.base import Driver
 from drivers.pos.receipt import receipt_parsers
 from edge.aio import bounded, wait_event
+from edge.analytics.engine import StoreAnalytics
+from edge.analytics.sink import AnalyticsSink, run_ticker
+from edge.analytics.wiring import build_analytics, driver_config
 from edge.buffer import Buffer
 from edge.clock import Clock
 from edge.config import Config
 from edge.errors import EdgeError, StartupError
-from edge.pipeline import Pipeline, build_pipeline
+from edge.pipeline import Pipeline, Sink, build_pipeline
 from edge.privacy.consent import ConsentList
 from edge.privacy.keys import KeyStore
 from edge.privacy.pseudonym import Pseudonymizer
@@ -78,6 +81,8 @@ class Runtime:
         self.drivers: list[Driver] = []
         self.components: list[Component] = []
         self.pumps: dict[str, PumpProgress] = {}
+        # store analytics (edge/analytics/): `snapshot()` for the web page; None when disabled
+        self.analytics: StoreAnalytics | None = None
 
 
 def open_keys(cfg: Config, clock: Clock, config_path: str | None = None) -> KeyStore:
@@ -111,6 +116,7 @@ class Supervisor:
         self._on_ready = on_ready
         self.runtime: Runtime | None = None
         self._driver_tasks: list[asyncio.Task[None]] = []
+        self._ticker: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; then drain and stop everything in reverse order."""
@@ -128,18 +134,26 @@ class Supervisor:
                 "buffer", f"{cfg.buffer_path}: {exc}", hint="check that the state dir exists and is writable"
             ) from exc
         privacy = PrivacyStage(pz)
-        pipeline, _cards = build_pipeline(clock, privacy, buffer, receipt_parsers=receipt_parsers(cfg.drivers.pos))
+        analytics = build_analytics(cfg, clock)
+        sink: Sink = buffer
+        if analytics is not None or cfg.privacy.mode == "aggregate":
+            sink = AnalyticsSink(buffer, analytics, cfg.privacy.mode)
+        pipeline, _cards = build_pipeline(clock, privacy, sink, receipt_parsers=receipt_parsers(cfg.drivers.pos))
         rt = Runtime(cfg, clock, keys, buffer, pipeline)
+        rt.analytics = analytics
         self.runtime = rt
+        if analytics is not None:
+            self._ticker = asyncio.create_task(run_ticker(analytics, buffer), name="analytics")
+        dcfg = driver_config(cfg)
         driver_tasks = self._driver_tasks
         started: list[Component] = []
         try:
             if self._driver_factory is not None:
-                rt.drivers = list(self._driver_factory(cfg, clock))
+                rt.drivers = list(self._driver_factory(dcfg, clock))
             else:
                 from drivers.registry import build_drivers
 
-                rt.drivers = list(build_drivers(cfg, clock))
+                rt.drivers = list(build_drivers(dcfg, clock))
             for d in rt.drivers:
                 progress = rt.pumps.setdefault(d.name, PumpProgress())
                 driver_tasks.append(asyncio.create_task(_pump(d, pipeline, progress), name=f"driver:{d.name}"))
@@ -207,6 +221,7 @@ class Supervisor:
         for d in rt.drivers:
             with contextlib.suppress(Exception):
                 await bounded(d.aclose(), max(0.1, deadline - loop.time()))
+        await self._stop_analytics(rt)
         try:
             last = await bounded(rt.buffer.flush(), max(0.5, deadline - loop.time()))
             log.info("drained", last_committed_id=last)
@@ -215,6 +230,19 @@ class Supervisor:
         finally:
             await rt.buffer.close()
             write_runtime_status(rt, state="stopped")
+
+
+    async def _stop_analytics(self, rt: Runtime) -> None:
+        """Stop the ticker; the open intervals go to the buffer as partial ones."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._ticker
+        if rt.analytics is not None:
+            for p in rt.analytics.flush():
+                if not rt.buffer.put_nowait(p):
+                    with contextlib.suppress(Exception):
+                        await bounded(rt.buffer.put(p), 1.0)
 
 
 async def _pump(driver: Driver, pipeline: Pipeline, progress: PumpProgress | None = None) -> None:
@@ -237,6 +265,7 @@ def write_runtime_status(rt: Runtime, state: str = "running") -> None:
         "drivers": [d.status() for d in rt.drivers],
         "components": {c.name: c.status() for c in rt.components},
         "buffer_degraded": rt.buffer.degraded,
+        "analytics": rt.analytics.status() if rt.analytics is not None else None,
     }
     path = Path(rt.cfg.paths.state_dir) / RUNTIME_FILE
     tmp = path.with_suffix(".tmp")

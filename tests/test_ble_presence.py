@@ -61,7 +61,7 @@ def test_hysteresis_keeps_a_wavering_device_and_exit_follows_silence() -> None:
     out = e.tick(T0 + 14, wall(T0 + 14))
     assert [r.type for r in out] == ["presence.exit"]
     assert dict(out[0].data) == {"dwell_ms": 4000, "rssi_min": -75, "rssi_mean": -71, "rssi_max": -65,
-                                 "reason": "gone"}
+                                 "rssi_last": -74, "weak_ms": 0, "reason": "gone"}
     assert out[0].ts == wall(T0 + 4)
     assert out[0].ids == {"device": Ident("ble_address", PHONE)}
     assert (e.tracked, e.present) == (0, 0)  # the address is forgotten
@@ -75,6 +75,25 @@ def test_a_device_heard_only_weakly_exits_like_a_silent_one() -> None:
     out = e.tick(T0 + 11, wall(T0 + 11))
     assert [r.type for r in out] == ["presence.exit"]
     assert out[0].data["dwell_ms"] == 0
+    assert (out[0].data["weak_ms"], out[0].data["rssi_last"]) == (11000, -85)  # faded: no rotation
+
+
+def test_zone_events_name_each_zone_change_of_a_present_device_only_when_asked() -> None:
+    """With zone_events a present device moving between RSSI bands yields presence.zone
+    {zone, from} with its address as an identifier; without, nothing is emitted."""
+    zones = [{"name": "till", "min_rssi": -60}, {"name": "floor", "min_rssi": -75}]
+    for flag in (True, False):
+        e = engine(zones=zones, zone_events=flag)
+        assert e.observe(PHONE, -70, T0, wall(T0)) is not None  # enters on the floor
+        r = e.observe(PHONE, -55, T0 + 1, wall(T0 + 1))
+        if flag:
+            assert r is not None
+            assert (r.type, dict(r.data), r.ts) == ("presence.zone", {"zone": "till", "from": "floor"}, wall(T0 + 1))
+            assert r.ids == {"device": Ident("ble_address", PHONE)}
+        else:
+            assert r is None
+        out = e.tick(T0 + 11, wall(T0 + 11))
+        assert (out[0].data["zone"], out[0].data["zone_last"]) == ("floor", "till")
 
 
 def test_devices_that_never_enter_are_forgotten_after_the_silence() -> None:

@@ -106,6 +106,9 @@ class Presence(Model):
     zones: list[Zone] = Field(default_factory=list)  # RSSI bands, any order (sorted strongest first)
     ignore_foreign_beacons: bool = True  # beacons that are not the store's: no presence
     max_devices: int = Field(default=20000, ge=10, le=1_000_000)  # addresses tracked at once
+    # presence.zone per zone change of a present device (edge/analytics/ needs them; the daemon
+    # turns this on when analytics is enabled, and they never reach the buffer)
+    zone_events: bool = False
 
     @field_validator("zones")
     @classmethod

@@ -25,9 +25,16 @@ device spent most of its visit.
 
 Events (ts = wall-clock ms; `zone` only when zones are configured):
 - `presence.enter` {rssi, zone?} ids {device}
-- `presence.exit`  {dwell_ms, rssi_min, rssi_mean, rssi_max, reason: "gone" | "stop", zone?}
-  ids {device}; ts is when it was last near (the exit is noticed `exit_after` later);
-  reason "stop": the driver lost its scanner and closed every open session
+- `presence.exit`  {dwell_ms, rssi_min, rssi_mean, rssi_max, rssi_last, weak_ms,
+  reason: "gone" | "stop", zone?, zone_last?} ids {device}; ts is when it was last near (the
+  exit is noticed `exit_after` later); reason "stop": the driver lost its scanner and closed
+  every open session; `rssi_last`: the smoothed RSSI when last heard; `weak_ms`: how long it
+  was heard only below the leave threshold before falling silent (0: it fell silent while
+  near, as a phone does when it rotates its address; a shopper walking out fades first);
+  `zone_last`: its zone when last heard (edge/analytics/ infers rotations from these)
+- `presence.zone` {zone, from} ids {device}: a present device moved to another zone; only
+  with `zone_events` (turned on by the daemon for edge/analytics/, which consumes them: they
+  never reach the buffer)
 - `presence.occupancy` {count, peak, interval_ms, zone?}, one per zone every
   `occupancy_every` (count at the end of the interval, peak during it)
 """
@@ -68,6 +75,7 @@ class PresenceEngine:
         self._exit_after = float(cfg.exit_after)
         self._every = float(cfg.occupancy_every)
         self._max = cfg.max_devices
+        self._zone_events = cfg.zone_events and bool(cfg.zones)
         self._zone_names: list[str | None] = [z.name for z in cfg.zones] or [None]
         self._zone_mins = [float(z.min_rssi) for z in cfg.zones]
         n = len(self._zone_names)
@@ -129,8 +137,8 @@ class PresenceEngine:
                 d.zone_s[d.zone] += now - d.last_seen
                 z = self._zone_of(ema, d.zone)
                 if z != d.zone:
-                    self._move(d.zone, z)
-                    d.zone = z
+                    d.last_seen = now
+                    return self._zone_change(address, d, z, wall)
             d.last_seen = now
             return None
         d.last_seen = now
@@ -152,6 +160,15 @@ class PresenceEngine:
         return Reading(src="ble", type="presence.enter", ts=wall, data=data,
                        ids={"device": Ident("ble_address", address)})
 
+    def _zone_change(self, address: str, d: _Dev, z: int, wall: int) -> Reading | None:
+        self._move(d.zone, z)
+        old, d.zone = d.zone, z
+        if not self._zone_events:
+            return None
+        names = self._zone_names
+        return Reading(src="ble", type="presence.zone", ts=wall, data={"zone": names[z], "from": names[old]},
+                       ids={"device": Ident("ble_address", address)})
+
     def _move(self, old: int, new: int) -> None:
         if old >= 0:
             self._count[old] -= 1
@@ -168,10 +185,13 @@ class PresenceEngine:
             "rssi_min": d.lo,
             "rssi_mean": round(d.total / d.n),
             "rssi_max": d.hi,
+            "rssi_last": round(d.ema),
+            "weak_ms": round((d.last_seen - d.last_near) * 1000),
             "reason": reason,
         }
         if d.zone_s is not None:
             data["zone"] = self._zone_names[max(range(len(d.zone_s)), key=d.zone_s.__getitem__)]
+            data["zone_last"] = self._zone_names[d.zone]
         return Reading(src="ble", type="presence.exit", ts=ts, data=data,
                        ids={"device": Ident("ble_address", address)})
 
