@@ -24,13 +24,14 @@ import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from playwright.async_api import ConsoleMessage, Error, Page, expect
 from support.browser import chromium
 
 from drivers.base import Driver
 from drivers.registry import build_drivers
+from edge.analytics.engine import StoreAnalytics
 from edge.clock import Clock, SystemClock
 from edge.config import Config
 from edge.health import Liveness, health_component
@@ -123,7 +124,7 @@ async def serving(
     is_ready = asyncio.Event()
 
     def ready(rt: Runtime) -> None:
-        rt.analytics = analytics  # type: ignore[attr-defined]  # what the supervisor does once edge/analytics lands
+        rt.analytics = cast("StoreAnalytics | None", analytics)  # the fake stands in for the engine's snapshot()
         is_ready.set()
 
     liveness = Liveness(SystemClock(), cfg.health.stall_timeout)
@@ -234,7 +235,7 @@ async def test_the_page_updates_when_the_data_changes_without_a_reload(tmp_path:
             readings, timeout=15_000)
         assert await page.evaluate("window.__same_document") is True
         assert loads == ["load"]
-        rt.analytics = None  # type: ignore[attr-defined]  # analytics switched off: the page says so
+        rt.analytics = None  # analytics switched off: the page says so
         await page.wait_for_selector("#analytics-off", state="visible", timeout=15_000)
         assert problems == []
 
