@@ -143,6 +143,10 @@ def test_long_hostile_input_is_linear() -> None:
         "a" * 100_000 + "@",
         "0 " * 100_000,
         "+" * 100_000,
+        "1." * 100_000,
+        "4 " * 100_000,
+        "41  " * 50_000,
+        "4111." * 40_000,
     ]
     start = time.monotonic()
     for s in inputs:

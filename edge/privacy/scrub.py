@@ -154,6 +154,9 @@ def _group_spans(run: str, base: int, probe: str) -> list[tuple[int, int]]:
     count = len(groups)
     i = 0
     while i < count:
+        if groups[i][1] - groups[i][0] < 2:  # no card grouping starts with a 1-digit group
+            i += 1
+            continue
         found = 0
         j = i
         while j < count and starts[j + 1] - starts[i] <= MAX_DIGITS:
