@@ -262,3 +262,15 @@ def test_loyalty_ean13_through_the_stages_is_pseudonymized(tmp_path: Path) -> No
     )
     assert "loyalty" in out.data
     assert cards.cards_removed == 0
+
+
+def test_gtin_fields_in_data_keep_their_codes() -> None:
+    """An NFC Digital Link GTIN (zero-padded to 14) and a JSON receipt's item GTIN that are
+    Luhn-valid stay: a product field is GS1 context (the previous scrub turned them to [card])."""
+    g13 = next(x for x in (gtin(f"69{i:010d}") for i in range(1000)) if luhn_ok(x))
+    g14 = next(x for x in ("0" + gtin(f"40{i:010d}") for i in range(1000)) if luhn_ok(x))
+    stage = CardScrubStage()
+    data = {"kind": "product", "gtin": g14, "items": [{"gtin": g13, "qty": 1, "price_cents": 125}]}
+    r = Reading("nfc", "nfc.tap", 1, data)
+    assert stage(r) is r
+    assert stage.cards_removed == 0
