@@ -1,15 +1,23 @@
 """Scrubbing personal data out of free text (receipt lines, device strings, log lines).
 
-- `scrub_cards`: payment card numbers (13-19 digits, Luhn-valid; between two digits one
-  separator may stand: a space, tab, no-break space, dash or " - "; full-width digits count
-  as digits) become `[card]`. Dots and double spaces split numbers, so the price columns of
-  a receipt ("12.99  3.49") never join into a card-length run. Digit runs that fail Luhn stay (GTINs,
-  order numbers): an EAN-13 check digit is not a Luhn check digit, so most GTINs stay and
-  the few that happen to be Luhn-valid are scrubbed (the safe side of the trade-off).
+- `scrub_cards`: payment card numbers become `[card]`. A card number is what
+  `edge.privacy.cards` says one looks like: an issuer range and a length of a network
+  (ISO/IEC 7812), a Luhn check digit, printed plain or in a card grouping (4-4-4-4,
+  4-6-5, 4-6-4, 19-digit forms) with spaces, tabs, dashes, " - ", dots, double spaces or
+  their Unicode spellings (no-break and thin spaces, Unicode dashes; full-width digits
+  count as digits). A digit run longer than a card and not split by separators stays
+  (nothing in it is a card as printed). GS1 context: a plain number that is a valid GTIN
+  where products stand (the whole text; a receipt item line "<code> <qty> [x price]";
+  after EAN/GTIN/UPC/SKU/PLU/ART, a GS1 "(01)" or Digital Link "/01/"; after a loyalty
+  label: loyalty cards carry EAN-13s) is a product, unless it is a certain card (a
+  network's range at a length it issues): of GTIN lengths only a 14-digit Diners Club
+  number is. Doubtful numbers (a network's range at a length it does not issue, such as
+  a 13-digit Visa) are scrubbed everywhere else. docs/privacy.md lists what stays doubtful.
 - `scrub_text`: card scrub, then e-mail addresses and phone numbers become their
   pseudonym (per the privacy policy) or `[email]` / `[phone]` when the policy drops them.
 - `holds_card`: whether an identifier's value is or contains a card number, however its
-  digits are separated (a card number given as a loyalty number must not be pseudonymized).
+  digits are separated (a card number given as a loyalty number must not be pseudonymized);
+  a valid EAN-13 loyalty number is not one unless it is a certain card.
 - `IDENTIFIER_PATTERNS`: identifier-shaped strings for the log scrubber (defence in depth;
   deliberately greedy, no Luhn check).
 
@@ -22,26 +30,52 @@ import re
 from typing import TYPE_CHECKING
 
 from edge.events import Ident
+from edge.privacy.cards import (
+    CERTAIN,
+    DOUBTFUL,
+    MAX_DIGITS,
+    MIN_DIGITS,
+    NOT_A_CARD,
+    card_kind,
+    grouping_ok,
+    gtin_ok,
+    luhn_ok,
+)
 
 if TYPE_CHECKING:
     from edge.privacy.pseudonym import Pseudonymizer
 
+__all__ = ["CARD", "holds_card", "looks_personal", "luhn_ok", "redact_identifiers", "scrub_cards", "scrub_text"]
+
 CARD = "[card]"
 
-# A maximal run of ASCII digits with single separators, >= 13 digits (after `_TO_ASCII`).
-_CARD_RUN = re.compile(r"(?<![0-9])[0-9](?:(?:[ \t-]| - )?[0-9]){12,}")
+# A maximal run of ASCII digits with separators, >= 13 digits (after `_TO_ASCII`). One
+# separator between two digits: " - ", two spaces, a space, tab, dash or dot.
+_CARD_RUN = re.compile(r"(?<![0-9])[0-9](?:(?: - |  |[ \t.-])?[0-9]){12,}")
 _DIGIT_GROUP = re.compile(r"[0-9]+")
-_SEPARATORS = str.maketrans("", "", " \t-")
 _NON_DIGITS = re.compile(r"[^0-9]+")
 # Unicode spellings of card digits and separators, one character for one (offsets keep):
 # full-width digits; no-break, figure, thin, narrow no-break and ideographic spaces; Unicode
-# hyphens, dashes, the minus sign and the full-width hyphen-minus
+# hyphens, dashes, the minus sign and the full-width hyphen-minus; the full-width full stop
 _TO_ASCII = {
     **{0xFF10 + d: chr(48 + d) for d in range(10)},
     **dict.fromkeys((0x00A0, 0x2007, 0x2009, 0x202F, 0x3000), " "),
     **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2014, 0x2212, 0xFF0D), "-"),
+    0xFF0E: ".",
 }
 _WIDE = re.compile("[" + "".join(map(chr, _TO_ASCII)) + "]")  # does a text need _TO_ASCII?
+
+# GS1 context around a plain valid GTIN (probe text, ASCII spelling), see the module docstring
+_GS1_AFTER = re.compile(r"[ \t]{1,40}[0-9]{1,6}(?:[.,][0-9]{1,3})?[ \t]*(?:kg[ \t]*)?[x*@\u00d7]", re.IGNORECASE)
+_GS1_LINE_START = re.compile(r"[ \t]{0,40}(?:(?:SKU|PLU|ART|EAN|GTIN|UPC)[ \t]*[:#.]?[ \t]*)?", re.IGNORECASE)
+_WS_DIGIT = re.compile(r"[ \t]{1,40}[0-9]")
+_GS1_BEFORE = re.compile(
+    r"(?:\b(?:EAN|GTIN|UPC)(?:-?(?:8|12|13|14))?|\bART(?:\.?-?NR)?\.?|\bSKU|\bPLU|\(0[12]\)|/0[12]/"
+    r"|\b(?:loyalty|member(?:ship)?|club|payback|bonus)[ \t]*(?:card|no\.?|nr\.?|number|id|#)?)"
+    r"[ \t]*[:#]?[ \t]*$",
+    re.IGNORECASE,
+)
+_BEFORE_MAX = 48  # characters of the line before a number read for its label
 
 _EMAIL = re.compile(
     # no lookbehind on purpose: a local part longer than 64 still loses its last 64 and domain
@@ -60,19 +94,6 @@ _PHONE = re.compile(
     rf"(?<![0-9A-Za-z+])(?<![0-9][-/.])\(?(?!{_DATE})"
     r"(?:\+|0)[0-9](?:[ ()/-]{0,2}[0-9]){6,15}(?![0-9])"
 )
-
-
-def luhn_ok(digits: str) -> bool:
-    """Luhn checksum of an all-digit string."""
-    total = 0
-    double = False
-    for ch in reversed(digits):
-        n = ord(ch) - 48
-        if double:
-            n = n * 2 - 9 if n > 4 else n * 2
-        total += n
-        double = not double
-    return total % 10 == 0
 
 
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: digit d doubled, digits summed
@@ -110,52 +131,102 @@ class _LuhnWindows:
         return (sums[b] - sums[a]) % 10 == 0
 
 
-def _card_spans(run: str) -> list[tuple[int, int]]:
-    """Spans of card numbers within one digit run (relative to the run). Linear time."""
-    digits = run.translate(_SEPARATORS)
-    if len(digits) <= 19 and luhn_ok(digits):
-        return [(0, len(run))]
-    # A card next to other numbers ("2 4111 1111 1111 1111", "4111111111111111 2"): try
-    # contiguous groups aligned on separators, longest first.
-    groups = [(m.start(), m.end()) for m in _DIGIT_GROUP.finditer(run)]
-    if len(groups) < 2:
+def _card_spans(run: str, base: int, probe: str) -> list[tuple[int, int]]:
+    """Spans of card numbers within one digit run found at `base` in `probe` (spans relative
+    to the run). Contiguous groups aligned on separators, longest first from each group."""
+    if run.isdigit():  # the common case: one plain number (a GTIN, an id, a PAN)
+        n = len(run)
+        if n <= MAX_DIGITS and luhn_ok(run) and _is_card(run, base, base + n, probe):
+            return [(0, n)]
         return []
+    return _group_spans(run, base, probe)
+
+
+def _group_spans(run: str, base: int, probe: str) -> list[tuple[int, int]]:
+    """`_card_spans` of a run with separators. Linear time (windows of <= 19 digits)."""
+    groups = [(m.start(), m.end()) for m in _DIGIT_GROUP.finditer(run)]
+    digits = "".join(run[a:b] for a, b in groups)
     starts = [0]  # digit index where each group starts; starts[-1] = total digits
     for g0, g1 in groups:
         starts.append(starts[-1] + g1 - g0)
     luhn = _LuhnWindows(digits)
     spans = []
+    count = len(groups)
     i = 0
-    while i < len(groups):
-        found = None
+    while i < count:
+        if groups[i][1] - groups[i][0] < 2:  # no card grouping starts with a 1-digit group
+            i += 1
+            continue
+        found = 0
         j = i
-        while j + 1 < len(starts) and starts[j + 1] - starts[i] <= 19:
+        while j < count and starts[j + 1] - starts[i] <= MAX_DIGITS:
             j += 1
         # groups i..j-1 fit in 19 digits; try the longest window of >= 13 digits first
         for k in range(j, i, -1):
-            if starts[k] - starts[i] < 13:
+            if starts[k] - starts[i] < MIN_DIGITS:
                 break
-            if luhn.ok(starts[i], starts[k]):
-                found = k - 1
+            if not luhn.ok(starts[i], starts[k]):
+                continue
+            number = digits[starts[i] : starts[k]]
+            if k - i == 1:
+                ok = _is_card(number, base + groups[i][0], base + groups[i][1], probe)
+            else:
+                ok = _grouped_card(run, groups, i, k, number)
+            if ok:
+                found = k
                 break
-        if found is None:
-            i += 1
+        if found:
+            spans.append((groups[i][0], groups[found - 1][1]))
+            i = found
         else:
-            spans.append((groups[i][0], groups[found][1]))
-            i = found + 1
+            i += 1
     return spans
 
 
-# Prefilter: a card number spans >= 13 consecutive characters that are digits, spaces or
-# dashes. Mapping those bytes to 1 and all others to 0 and looking for thirteen 1s is two C
-# loops, ~10x cheaper than the regex on a text without one (UUIDs, names, hex ids).
-_RUN_CHARS = bytes(1 if chr(b) in "0123456789 \t-" else 0 for b in range(256))
+def _grouped_card(run: str, groups: list[tuple[int, int]], i: int, k: int, number: str) -> bool:
+    """Whether the Luhn-valid `number` spelled by groups i..k-1 (k - i >= 2) of a run is a
+    card number as printed: a network's, in a card grouping."""
+    sizes = [b - a for a, b in groups[i:k]]
+    seps = [run[groups[t][1] : groups[t + 1][0]] for t in range(i, k - 1)]
+    return card_kind(number) != NOT_A_CARD and grouping_ok(sizes, seps)
+
+
+def _is_card(digits: str, a: int, b: int, probe: str) -> bool:
+    """A plain Luhn-valid number at probe[a:b]: a card when certain; when doubtful, unless it
+    is a valid GTIN in GS1 context."""
+    kind = card_kind(digits)
+    if kind == DOUBTFUL:
+        return not (gtin_ok(digits) and _gs1_context(probe, a, b))
+    return kind == CERTAIN
+
+
+def _gs1_context(probe: str, a: int, b: int) -> bool:
+    """Whether the number at probe[a:b] stands where products (or EAN-coded loyalty numbers)
+    stand: the whole text; an item line; after a GS1 or loyalty label."""
+    size = len(probe)
+    if size - (b - a) <= 80 and not probe[:a].strip() and not probe[b:].strip():
+        return True
+    ls = probe.rfind("\n", max(0, a - _BEFORE_MAX - 1), a) + 1
+    le = probe.find("\n", b, b + 64)
+    after = probe[b : le if le >= 0 else b + 64]
+    if _GS1_AFTER.match(after):
+        return True
+    if _GS1_BEFORE.search(probe, max(ls, a - _BEFORE_MAX), a):
+        return True
+    line_start = ls > 0 or a <= _BEFORE_MAX  # rfind looked back to the text's start
+    return line_start and bool(_GS1_LINE_START.fullmatch(probe, ls, a)) and bool(_WS_DIGIT.match(after))
+
+
+# Prefilter: a card number spans >= 13 consecutive characters that are digits, spaces,
+# dashes or dots. Mapping those bytes to 1 and all others to 0 and looking for thirteen 1s is
+# two C loops, ~10x cheaper than the regex on a text without one (UUIDs, names, hex ids).
+_RUN_CHARS = bytes(1 if chr(b) in "0123456789 \t-." else 0 for b in range(256))
 _RUN13 = b"\x01" * 13
 
 
 def scrub_cards(text: str) -> tuple[str, int]:
-    """Replace every Luhn-valid 13-19 digit card number in `text` by `[card]`; return the count."""
-    if len(text) < 13:
+    """Replace every card number in `text` by `[card]` (see the module docstring); return the count."""
+    if len(text) < MIN_DIGITS:
         return text, 0
     probe = text if text.isascii() or not _WIDE.search(text) else text.translate(_TO_ASCII)  # same length
     if _RUN13 not in probe.encode("utf-8", "surrogatepass").translate(_RUN_CHARS):
@@ -164,12 +235,12 @@ def scrub_cards(text: str) -> tuple[str, int]:
     out: list[str] | None = None
     count = 0
     for m in _CARD_RUN.finditer(probe):
-        spans = _card_spans(m.group())
+        base = m.start()
+        spans = _card_spans(m.group(), base, probe)
         if not spans:
             continue
         if out is None:
             out = []
-        base = m.start()
         for a, b in spans:
             out.append(text[pos : base + a])
             out.append(CARD)
@@ -183,13 +254,15 @@ def scrub_cards(text: str) -> tuple[str, int]:
 
 def holds_card(value: str) -> bool:
     """True when `value` is or contains a payment card number: its digits, whatever separates
-    them ("4111.1111.1111.1111", "4111 / 1111 ..."), are 13-19 long and Luhn-valid, or
-    `scrub_cards` finds one in it."""
+    them ("4111.1111.1111.1111", "4111 / 1111 ..."), are a card number (a valid EAN-13 or
+    GTIN-14 only when certain: loyalty cards carry EAN-13s), or `scrub_cards` finds one in it."""
     digits = _NON_DIGITS.sub("", value.translate(_TO_ASCII))
-    if len(digits) < 13:
+    if len(digits) < MIN_DIGITS:
         return False
-    if len(digits) <= 19 and luhn_ok(digits):
-        return True
+    if len(digits) <= MAX_DIGITS and luhn_ok(digits):
+        kind = card_kind(digits)
+        if kind == CERTAIN or (kind == DOUBTFUL and not gtin_ok(digits)):
+            return True
     return scrub_cards(value)[1] > 0
 
 
