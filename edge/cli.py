@@ -7,7 +7,6 @@ failed), 2 usage or configuration problem.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -51,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, metavar="FILE")
 
-    p = sub.add_parser("receive", help="run the reference receiver")
-    _add_config(p)
+    from cloud.commands.receive import DESCRIPTION, add_arguments
+
+    p = sub.add_parser("receive", help="run the receiver (alias of edge-cloud receive)", description=DESCRIPTION)
+    add_arguments(p)
 
     p = sub.add_parser("verify", help="verify captured batch payloads offline")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -129,9 +130,9 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch pe
 
         return export_main(args.config, args.out)
     if cmd == "receive":
-        from edge.uplink.receiver import receive_main
+        from cloud.commands.receive import run
 
-        return asyncio.run(receive_main(args.config))
+        return run(args, prog="edge receive")
     if cmd == "verify":
         from pathlib import Path
 
