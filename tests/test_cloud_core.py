@@ -6,6 +6,7 @@ device reset), the commit-before-ack rule, and the Store seam as the SQLite stor
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,3 +139,29 @@ def test_no_ok_ack_claims_data_when_the_commit_fails(tmp_path: Path) -> None:
     finally:
         failing.close()
     assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 3  # b1's events only
+
+
+def test_amplifying_payload_costs_little_memory_and_is_not_answered(tmp_path: Path, receiver: Receiver) -> None:
+    """10 MB of empty MessagePack arrays (behind an array-32 header, and bare) is refused unread
+    above max_payload, and within it by the unpacker's container limits: the core's peak allocation
+    stays a small multiple of what it was handed, nothing is answered, and the genuine batch in the
+    same group is stored and acked."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        bomb = b"\xdd\x00\x98\x96\x80" + b"\x90" * 10_000_000
+        small_bomb = b"\xdd\x00\x0f\xff\xff" + b"\x90" * 1_000_000  # just under the 1 MiB default
+        genuine = dev.seal()
+        tracemalloc.start()
+        try:
+            result = receiver.process([Inbound(dev.topic, bomb), Inbound(dev.topic, small_bomb),
+                                       Inbound(dev.topic, genuine[2])])  # fmt: skip
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert [parse_ack(a.payload).seq for a in result.acks] == [1]
+        assert receiver.stats.unauthenticated == 2
+        assert peak < 8 * 1024 * 1024, peak  # the old receiver built ~1.4 GiB of lists from this
+    finally:
+        receiver.close()
