@@ -20,6 +20,7 @@ from edge.errors import ConfigError, EdgeError
 COMMANDS: tuple[str, ...] = (
     "cloud.commands.receive",
     "cloud.commands.keys",
+    "cloud.commands.importer",
 )
 
 

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write buffered events as JSON lines (rescue by USB stick)")
     _add_config(p)
     p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--signed", action="store_true",
+                   help="write the sealed, signed uplink-v1 batches instead (edge-cloud import reads them)")
 
     from cloud.commands.receive import DESCRIPTION, add_arguments
 
@@ -125,6 +127,10 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch pe
         from edge.status import status_main
 
         return status_main(args.config, as_json=args.json)
+    if cmd == "export" and args.signed:
+        from edge.uplink.rescue import export_signed_main
+
+        return export_signed_main(args.config, args.out)
     if cmd == "export":
         from edge.status import export_main
 

@@ -25,7 +25,7 @@ from typing import Any
 import aiomqtt
 import msgpack
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from structlog.testing import capture_logs
 from support.certs import CertPaths
 from support.mosquitto import Mosquitto
@@ -93,8 +93,9 @@ class Device:
 class Publisher:
     """A device-side MQTT client: publishes payloads and collects the acks per (device, seq)."""
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: aiomqtt.Client, cloud: Ed25519PublicKey | None = None) -> None:
         self.client = client
+        self.cloud = cloud or CLOUD.public_key()
         self.acks: dict[tuple[str, int], list[Ack]] = defaultdict(list)
         self.raw_acks: list[tuple[str, bytes]] = []
         self._changed = asyncio.Event()
@@ -105,7 +106,7 @@ class Publisher:
             tenant, store, device = m.topic.value.split("/")[-4:-1]
             self.raw_acks.append((m.topic.value, m.payload))
             ack = parse_ack(m.payload)
-            assert verify_ack(ack, tenant=tenant, store=store, device=device, cloud_key=CLOUD.public_key())
+            assert verify_ack(ack, tenant=tenant, store=store, device=device, cloud_key=self.cloud)
             self.acks[(device, ack.seq)].append(ack)
             self._changed.set()
 
@@ -127,11 +128,11 @@ class Publisher:
 
 
 @asynccontextmanager
-async def publisher(broker: Mosquitto) -> AsyncIterator[Publisher]:
+async def publisher(broker: Mosquitto, cloud: Ed25519PublicKey | None = None) -> AsyncIterator[Publisher]:
     ident = f"pub-{os.getpid()}-{time.monotonic_ns()}"
     async with aiomqtt.Client(broker.host, broker.port, identifier=ident) as c:
         await c.subscribe(f"{PREFIX}/+/+/+/ack", qos=1)
-        pub = Publisher(c)
+        pub = Publisher(c, cloud)
         task = asyncio.create_task(pub.listen())
         try:
             yield pub
