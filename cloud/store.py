@@ -111,7 +111,8 @@ class StoreTxn(Protocol):
         ...
 
     def reject(self, rejected: Rejected) -> None:
-        """Record a refused batch (quarantine). May be a no-op for a store without one."""
+        """Record a refused, AUTHENTICATED batch (quarantine: reason, detail, kid, hh). The core never
+        calls it for unauthenticated input (anybody can publish that; it is counted and logged)."""
         ...
 
     def message(self) -> AbstractContextManager[None]:
