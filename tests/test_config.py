@@ -395,9 +395,15 @@ def test_summary_of_many_pos_links_still_fits(tmp_path: Path) -> None:
     assert "more pos links" in text
 
 
-def test_check_config_ok_prints_summary_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    """A valid file: summary on stdout, nothing on stderr, exit 0."""
-    path = str(CONFIG_DIR / "demo.yaml")
+def test_check_config_ok_prints_summary_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid file whose start-up checks pass (keys made): summary on stdout, nothing on stderr, exit 0."""
+    from edge.clock import SystemClock
+    from edge.privacy.keys import KeyStore
+
+    text = (CONFIG_DIR / "demo.yaml").read_text().replace("../demo-state", "state")
+    path = write(tmp_path, text, "demo.yaml")
+    KeyStore(tmp_path / "state" / "keys", SystemClock()).init()
+    capsys.readouterr()  # the key store's log line
     assert check_config_main(path) == 0
     out, err = capsys.readouterr()
     assert out.startswith(f"{path}: OK\n")
