@@ -76,18 +76,19 @@ def run_main(config_path: str) -> int:
         print(f"edge: {exc}", file=sys.stderr)
         return 2
     try:
+        configure_logging(cfg.logging.level, cfg.logging.format)
+        capture_uncaught()
+        log = structlog.get_logger("edge.daemon")
         problems = startup_problems(cfg, config_path)
-        if problems:
+        if problems:  # the lines go to stderr (edge.cli); the journal's JSON gets the event too
+            log.error("startup_failed", component="preflight", problems=problems)
             raise ConfigError(config_path, problems)
-        return _run_locked(cfg, config_path, no_core)
+        return _run_locked(cfg, config_path, no_core, log)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: Config, config_path: str, no_core: bool) -> int:
-    configure_logging(cfg.logging.level, cfg.logging.format)
-    capture_uncaught()
-    log = structlog.get_logger("edge.daemon")
+def _run_locked(cfg: Config, config_path: str, no_core: bool, log: structlog.typing.FilteringBoundLogger) -> int:
     if not no_core:
         log.warning("core_dumps_not_disabled", hint="set LimitCORE=0 in the unit or ulimit -c 0")
     try:
