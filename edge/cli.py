@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon in the foreground")
     _add_config(p)
 
-    p = sub.add_parser("check-config", help="validate a config file and summarize it")
-    p.add_argument("path", metavar="PATH")
+    p = sub.add_parser("check-config", help="validate a config file and every start-up check that needs no network")
+    p.add_argument("path", metavar="PATH", nargs="?", help="the device's YAML config (or --config PATH)")
+    p.add_argument("--config", "-c", dest="config", metavar="PATH", help="the device's YAML config")
 
     keys = sub.add_parser("keys", help="device keys: init, show, rotate")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
@@ -38,17 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing keys (old pseudonyms unlinkable)")
     p = ksub.add_parser("show", help="print the public key and its kid (never a secret)")
     _add_config(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON object {kid, public_key}")
     p = ksub.add_parser("rotate", help="rotate the ephemeral pseudonymization key now")
     _add_config(p)
 
     p = sub.add_parser("status", help="backlog, drops, last ack, driver states (works while running)")
     _add_config(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the whole status as one JSON document")
 
     p = sub.add_parser("export", help="write buffered events as JSON lines (rescue by USB stick)")
     _add_config(p)
-    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the file to write (its folder must exist; written as FILE.partial, then renamed)")
     p.add_argument("--signed", action="store_true",
                    help="write the sealed, signed uplink-v1 batches instead (edge-cloud import reads them)")
 
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", required=True, metavar="DIR", help="folder of registered *.pub device keys")
 
     p = sub.add_parser("demo", help="a whole simulated store end to end, with an embedded broker")
-    p.add_argument("--duration", type=float, default=20.0, metavar="SECONDS")
+    p.add_argument("--duration", type=float, default=20.0, metavar="SECONDS",
+                   help="how long the simulated store produces readings before the drain (default 20)")
     p.add_argument("--broker", default=None, metavar="URL", help="use this broker instead of the embedded one")
     p.add_argument("--summary", default=None, metavar="FILE", help="write the verified summary as JSON")
     p.add_argument("--rate", type=float, default=None, metavar="N", help="readings per second per device kind")
@@ -85,6 +88,8 @@ def _add_install(sub: Any) -> None:
     p.add_argument("--tenant", help="identity for a config made from config/store.yaml")
     p.add_argument("--store", help="identity for a config made from config/store.yaml")
     p.add_argument("--device", help="identity for a config made from config/store.yaml")
+    p.add_argument("--keep-config", action="store_true",
+                   help="keep an existing store.yaml even when its identity differs from --tenant/--store/--device")
     p.add_argument("--tenant-key", metavar="FILE", help="provision the tenant key (32 bytes or 64 hex)")
     p.add_argument("--python", metavar="PATH", help="interpreter for the venv (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done")
@@ -116,7 +121,10 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch pe
     if cmd == "check-config":
         from edge.configload import check_config_main
 
-        return check_config_main(args.path)
+        if (args.path is None) == (args.config is None):
+            print("edge check-config: give the config file once, as PATH or --config PATH", file=sys.stderr)
+            return 2
+        return check_config_main(args.path or args.config)
     if cmd == "run":
         from edge.daemon import run_main
 
@@ -161,12 +169,17 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch pe
 def _keys(args: argparse.Namespace) -> int:
     from edge.clock import SystemClock
     from edge.configload import load_config
+    from edge.errors import KeyError_
     from edge.privacy.keys import KeyStore
 
     cfg = load_config(args.config)
     keys = KeyStore(cfg.paths.keys_dir, SystemClock())
     if args.keys_cmd == "init":
-        keys.init(force=args.force)
+        try:
+            keys.init(force=args.force)
+        except KeyError_ as exc:  # keys exist (no --force) or cannot be written: the operator decides
+            print(f"edge: {exc}", file=sys.stderr)
+            return 2
         print(f"created keys in {cfg.paths.keys_dir}; kid {keys.kid()}")
         print(f"public key {keys.public_key().hex()}")
         return 0

@@ -179,10 +179,13 @@ class Drivers(Model):
     @field_validator("pos")
     @classmethod
     def _unique_names(cls, v: list[PosLink]) -> list[PosLink]:
-        names = [p.name for p in v]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"pos link names must be unique; repeated: {', '.join(sorted(dup))}")
+        seen: dict[str, int] = {}
+        for i, link in enumerate(v):
+            if link.name in seen:
+                # "@<i>.name: " points the config loader at the duplicate itself (edge.configload)
+                raise ValueError(f"@{i}.name: the name is already used by drivers.pos[{seen[link.name]}]; "
+                                 "each pos link needs its own name")
+            seen[link.name] = i
         return v
 
 
@@ -240,11 +243,20 @@ class Health(Model):
     stall_timeout: Duration = Field(default=60.0, gt=0, le=3600)
     # announce the device by zeroconf as _store-edge._tcp (TXT: device, version, metrics port)
     advertise: bool = True
+    # /healthz says 503 and `edge status` ALARM when sealed batches wait this long without a
+    # valid ack (refused acks, e.g. a wrong uplink.cloud_public_key, or none at all)
+    ack_timeout_alarm: Duration = Field(default=600.0, gt=0)
 
-    @field_validator("listen")
+    @field_validator("listen", mode="before")
     @classmethod
-    def _host_port(cls, v: str) -> str:
-        split_host_port(v)  # ValueError names the expected form
+    def _host_port(cls, v: object) -> object:
+        # a bare port (9108 or "9108") means the default, local-only host
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and v.strip().isdigit():
+            v = f"127.0.0.1:{v.strip()}"
+        if isinstance(v, str):
+            split_host_port(v)  # ValueError names the expected form
         return v
 
     def address(self) -> tuple[str, int]:

@@ -147,7 +147,10 @@ def _describe(err: Any, where: str, root: yaml.Node, data: Any, model: type[Base
             loc, msg = path, rest
         else:
             return 1, f"{where}:1: {msg}"
-    if kind == "value_error" and isinstance(raw := _walk(data, loc), dict) and msg.split(" ")[0] in raw:
+    if kind == "value_error" and (sub := re.match(r"@([\w.]+): ", msg)):  # a validator naming the culprit
+        loc = (*loc, *(int(p) if p.isdigit() else p for p in sub.group(1).split(".")))
+        msg = msg[sub.end():]
+    elif kind == "value_error" and isinstance(raw := _walk(data, loc), dict) and msg.split(" ")[0] in raw:
         loc = (*loc, msg.split(" ")[0])  # "card_number is always dropped": point at card_number itself
     if kind == "missing":
         line = _locate(root, loc[:-1])
@@ -376,14 +379,22 @@ def _on(backend: str, device: str | None, rate: float) -> str:
 
 
 def check_config_main(path: str) -> int:
-    """`edge check-config PATH`: summary and 0, or one line per problem on stderr and 2."""
+    """`edge check-config PATH`: summary and 0, or one line per problem on stderr and 2.
+
+    Beyond the schema it runs every start-up check of `edge run` that needs no network
+    (edge/preflight.py): keys, tenant key, TLS files, serial ports, state folder.
+    """
+    from edge.preflight import startup_problems
+
     try:
-        text = summarize(load_config(path), path)
+        cfg = load_config(path)
+        problems = startup_problems(cfg, path)
+        text = summarize(cfg, path)
     except ConfigError as exc:
         problems = exc.problems
     except Exception as exc:  # an operator tool prints a message, never a traceback
         problems = [f"{path}: unexpected error while checking: {type(exc).__name__}: {exc}"]
-    else:
+    if not problems:
         print(text)
         return 0
     for problem in problems:

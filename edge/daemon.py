@@ -17,10 +17,12 @@ from edge.clock import Clock, SystemClock
 from edge.config import Config
 from edge.configload import load_config
 from edge.coredump import disable_core_dumps
-from edge.errors import StartupError
+from edge.errors import ConfigError, StartupError
 from edge.health import Liveness
 from edge.logs import capture_uncaught, configure_logging
 from edge.notify import Notifier, ServiceLink
+from edge.preflight import startup_problems, state_dir_problems
+from edge.statelock import StateLock, StateLocked
 from edge.supervisor import ComponentFactory, Supervisor, install_signal_handlers
 
 
@@ -63,11 +65,32 @@ async def run_daemon(
 
 
 def run_main(config_path: str) -> int:
+    """`edge run`: 0 after a clean stop, 1 when a component fails to start, 2 for a config
+    problem (the same checks as `edge check-config`) or a state folder another daemon holds."""
     no_core = disable_core_dumps()  # first: memory will hold raw identifiers (edge/coredump.py)
     cfg = load_config(config_path)
-    configure_logging(cfg.logging.level, cfg.logging.format)
-    capture_uncaught()
-    log = structlog.get_logger("edge.daemon")
+    if state_problems := state_dir_problems(cfg, config_path):  # the lock lives in the state folder
+        raise ConfigError(config_path, state_problems)
+    lock = StateLock(cfg.paths.state_dir)
+    try:
+        lock.acquire()  # before the buffer, the keys or the broker session are opened
+    except StateLocked as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        configure_logging(cfg.logging.level, cfg.logging.format)
+        capture_uncaught()
+        log = structlog.get_logger("edge.daemon")
+        problems = startup_problems(cfg, config_path)
+        if problems:  # the lines go to stderr (edge.cli); the journal's JSON gets the event too
+            log.error("startup_failed", component="preflight", problems=problems)
+            raise ConfigError(config_path, problems)
+        return _run_locked(cfg, config_path, no_core, log)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: Config, config_path: str, no_core: bool, log: structlog.typing.FilteringBoundLogger) -> int:
     if not no_core:
         log.warning("core_dumps_not_disabled", hint="set LimitCORE=0 in the unit or ulimit -c 0")
     try:

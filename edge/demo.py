@@ -27,6 +27,7 @@ from cloud.config import ReceiverConfig
 from cloud.receiver import Receiver
 from drivers.base import SimOptions
 from drivers.registry import build_drivers
+from edge.buffer.stats import count_events, read_stats
 from edge.clock import Clock, SystemClock
 from edge.config import Config
 from edge.coredump import disable_core_dumps
@@ -34,6 +35,7 @@ from edge.events import IdentClass
 from edge.leakscan import Needle, needles_for, scan
 from edge.logs import configure_logging
 from edge.privacy.keys import KeyStore
+from edge.statelock import StateLock, StateLocked
 from edge.supervisor import Supervisor
 from edge.uplink.service import Uplink, uplink_component
 
@@ -109,6 +111,7 @@ async def run_demo(
         os.chmod(recv_dir / "cloud.key", 0o600)
         cloud_pub = cloud.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(StateLock(root / "device"))  # one demo per reused --state
             url = broker
             if url is None:
                 from edge.uplink.broker import EmbeddedBroker
@@ -139,6 +142,9 @@ async def _run(  # noqa: PLR0917 - internal helper of run_demo
     rtask = asyncio.create_task(receiver.run(rstop), name="demo:receiver")
     await asyncio.wait_for(receiver.ready.wait(), 15)
     inject = tuple(f"{cls}:{raw}" for cls, raw in INJECTED)
+    # a reused --state holds earlier runs' events: this run counts from here on
+    start_id = read_stats(cfg.buffer_path).next_event_id - 1 if cfg.buffer_path.exists() else 0
+    leftover = count_events(cfg.buffer_path) if cfg.buffer_path.exists() else 0  # unacked from earlier runs
     sup = Supervisor(
         cfg, clock,
         drivers=lambda c, k: build_drivers(c, k, sim=SimOptions(inject=inject)),
@@ -156,30 +162,38 @@ async def _run(  # noqa: PLR0917 - internal helper of run_demo
     if not isinstance(up, Uplink):
         raise TypeError("the demo's first component must be the uplink")
 
+    tty = progress and sys.stderr.isatty()
+    shown_phase, shown_at = [""], [-1e9]
+
     def line(phase: str) -> None:
-        if progress:
-            print(
-                f"\r[{phase:>8}] {time.monotonic() - t0:5.1f}s  generated {rt.buffer.last_committed_id:>7}  "
+        if not progress:
+            return
+        now = time.monotonic()
+        if not tty and phase == shown_phase[0] and now - shown_at[0] < 5.0:
+            return  # not a terminal: a plain line per phase and every 5 s, no \r redraws
+        shown_phase[0], shown_at[0] = phase, now
+        text = (f"[{phase:>8}] {now - t0:5.1f}s  generated {rt.buffer.last_committed_id - start_id:>7}  "
                 f"acked {up.counters['events_acked']:>7}  received {receiver.stats.events:>7}  "
-                f"uplink {up.state:<10}", end="", file=sys.stderr, flush=True,
-            )
+                f"uplink {up.state:<10}")
+        print(f"\r{text}" if tty else text.rstrip(), end="" if tty else "\n", file=sys.stderr, flush=True)
 
     while time.monotonic() - t0 < duration:
         line("running")
         await asyncio.sleep(0.5)
-    generated = await sup.stop_drivers()
+    last = await sup.stop_drivers()
+    generated = last - start_id
     deadline = time.monotonic() + 60
-    while up.counters["events_acked"] < generated and time.monotonic() < deadline:
+    while up.counters["events_acked"] < generated + leftover and time.monotonic() < deadline:
         line("draining")
         await asyncio.sleep(0.2)
     line("done")
-    if progress:
+    if tty:
         print(file=sys.stderr)
     stop.set()
     await stask
     rstop.set()
     await rtask
-    received = _count_received(rcfg.out)
+    received = _count_received(rcfg.out, first=start_id + 1, last=last)
     leaks = scan([root], _needles())
     stats = receiver.stats
     chain_intact = not stats.rejected and stats.gaps == 0 and stats.resets == 0
@@ -203,7 +217,8 @@ async def _run(  # noqa: PLR0917 - internal helper of run_demo
     }
 
 
-def _count_received(out: Path) -> dict[str, Any]:
+def _count_received(out: Path, *, first: int = 1, last: int | None = None) -> dict[str, Any]:
+    """What the receiver wrote of events `first`..`last` (this run's; a reused state holds more)."""
     ids: set[int] = set()
     n = 0
     lat: list[int] = []
@@ -212,6 +227,8 @@ def _count_received(out: Path) -> dict[str, Any]:
         with out.open(encoding="utf-8") as fh:
             for ln in fh:
                 ev = json.loads(ln)
+                if not first <= int(ev["id"]) <= (last if last is not None else int(ev["id"])):
+                    continue
                 n += 1
                 ids.add(int(ev["id"]))
                 by_type[ev["type"]] = by_type.get(ev["type"], 0) + 1
@@ -230,7 +247,11 @@ def demo_main(*, duration: float, broker: str | None, summary: str | None, rate:
     disable_core_dumps()  # the demo's daemon runs in this process (edge/coredump.py)
     root = Path(state) if state else Path(tempfile.mkdtemp(prefix="edge-demo-"))
     print(f"store-edge demo: state in {root}; {duration:g}s of a simulated store", file=sys.stderr)
-    result = asyncio.run(run_demo(root, duration=duration, broker=broker, rate=rate or 50.0))
+    try:
+        result = asyncio.run(run_demo(root, duration=duration, broker=broker, rate=rate or 50.0))
+    except StateLocked as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 2
     if summary:
         Path(summary).write_text(json.dumps(result, indent=2) + "\n")
     print(_render(result))

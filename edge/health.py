@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from edge import __version__
+from edge.ackwatch import AckAlarm, ack_alarm, refused_acks
 from edge.aio import bounded
 from edge.buffer import BufferStats
 from edge.clock import Clock
@@ -125,6 +126,7 @@ class Snapshot:
     components: dict[str, dict[str, Any]]
     reason: str | None
     lag_s: float
+    ack_alarm: AckAlarm | None = None  # batches waiting without a valid ack (edge/ackwatch.py)
 
 
 async def buffer_stats(rt: Runtime, last: BufferStats | None = None) -> tuple[BufferStats | None, bool]:
@@ -139,6 +141,7 @@ async def buffer_stats(rt: Runtime, last: BufferStats | None = None) -> tuple[Bu
 async def take_snapshot(rt: Runtime, liveness: Liveness, last: BufferStats | None = None) -> Snapshot:
     stats, fresh = await buffer_stats(rt, last)
     ident = rt.cfg.identity
+    components = {c.name: c.status() for c in rt.components}
     return Snapshot(
         device=ident.device,
         tenant=ident.tenant,
@@ -149,10 +152,23 @@ async def take_snapshot(rt: Runtime, liveness: Liveness, last: BufferStats | Non
         stats_fresh=fresh,
         pipeline=rt.pipeline.status(),
         drivers=[d.status() for d in rt.drivers],
-        components={c.name: c.status() for c in rt.components},
+        components=components,
         reason=liveness.check(rt),
         lag_s=liveness.lag_s,
+        ack_alarm=snapshot_ack_alarm(stats, components.get("uplink"), rt.clock.wall_ms(),
+                                     rt.cfg.health.ack_timeout_alarm),
     )
+
+
+def snapshot_ack_alarm(
+    stats: BufferStats | None, uplink: dict[str, Any] | None, now_ms: int, threshold_s: float
+) -> AckAlarm | None:
+    """The ack alarm from live buffer stats and the uplink's status (None without an uplink)."""
+    if stats is None or uplink is None:
+        return None
+    return ack_alarm(pending=stats.batches_pending, oldest_pending_ms=stats.oldest_pending_sealed_ms,
+                     last_ack_ms=stats.last_ack_ms, refused=refused_acks(uplink), now_ms=now_ms,
+                     threshold_s=threshold_s)
 
 
 def _age_s(now_ms: int, then_ms: int | None) -> float | None:
@@ -304,6 +320,8 @@ class EdgeCollector(Collector):
         yield refused
         yield CounterMetricFamily("edge_uplink_connects", "successful broker connections",
                                   value=float(up.get("connects") or 0))
+        yield GaugeMetricFamily("edge_uplink_ack_alarm", "1 while sealed batches wait longer than "
+                                "health.ack_timeout_alarm without a valid ack", value=int(s.ack_alarm is not None))
 
 
 def _process() -> Iterator[Metric]:
@@ -320,14 +338,20 @@ def _process() -> Iterator[Metric]:
 
 
 def health_doc(s: Snapshot) -> dict[str, Any]:
-    """The /healthz body: ok unless the pipeline is stalled or the buffer cannot commit."""
+    """The /healthz body: "ok"; "unhealthy" when the pipeline is stalled or the buffer cannot
+    commit; "degraded" when only the ack alarm is up (data is kept but not delivered)."""
     reasons = [s.reason] if s.reason else []
     if s.stats is not None and s.stats.degraded:
         reasons.append("buffer degraded")
+    status = "ok" if not reasons else "unhealthy"
+    if s.ack_alarm is not None:
+        reasons.append(f"uplink: {s.ack_alarm.reason}")
+        status = "degraded" if status == "ok" else status
     up = s.components.get("uplink")
     return {
-        "status": "ok" if not reasons else "unhealthy",
+        "status": status,
         "reasons": reasons,
+        "ack_alarm": s.ack_alarm.to_json() if s.ack_alarm is not None else None,
         "device": s.device,
         "version": __version__,
         "clock_synchronized": s.synchronized,

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import yaml
+
 from edge.configbase import ID_PATTERN
 from edge.errors import EdgeError
 
@@ -59,6 +61,10 @@ class InstallError(EdgeError):
     """The installation cannot go on (not root, a tool missing, bad identity, ...)."""
 
 
+class IdentityMismatch(InstallError):
+    """The existing config names another device than the one asked for (exit 2)."""
+
+
 @dataclass(slots=True, frozen=True)
 class InstallOptions:
     source: Path  # checkout with systemd/ and config/
@@ -67,6 +73,7 @@ class InstallOptions:
     wheelhouse: Path | None = None  # install offline from this folder of wheels
     config: Path | None = None  # a prepared config to install
     identity: tuple[str, str, str] | None = None  # tenant, store, device for the template
+    keep_config: bool = False  # keep an existing config even when its identity differs
     tenant_key: Path | None = None
     python: str = sys.executable
 
@@ -108,6 +115,19 @@ def render_config(template: str, tenant: str, store: str, device: str) -> str:
     if seen != set(want):
         raise InstallError("the config template has no identity block with tenant, store and device")
     return "".join(out)
+
+
+def config_identity(text: str) -> tuple[str, str, str] | None:
+    """(tenant, store, device) of a config's text, or None when it has no readable identity."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    ident = doc.get("identity") if isinstance(doc, dict) else None
+    if not isinstance(ident, dict):
+        return None
+    values = tuple(str(ident.get(k, "")) for k in ("tenant", "store", "device"))
+    return (values[0], values[1], values[2])
 
 
 def _ids(root: Path, user: str) -> tuple[int, int] | None:
@@ -203,6 +223,7 @@ class Installer:
         if not self.at(CONFIG).exists() and opts.config is None and opts.identity is None:
             raise InstallError(f"no config at {CONFIG}", hint="pass --config FILE, or --tenant, --store and "
                                "--device to start from config/store.yaml")
+        self.check_identity(opts)
         systemd_dir = opts.source / "systemd"
         missing = [src for src, _ in FILES if not (systemd_dir / src).is_file()]
         if missing:
@@ -223,6 +244,23 @@ class Installer:
         self.say("installed. Next:")
         for note in self.notes:
             self.say(f"  - {note}")
+
+    def check_identity(self, opts: InstallOptions) -> None:
+        """An existing config is kept, so asking for another identity must not pass silently."""
+        conf = self.at(CONFIG)
+        if opts.keep_config or not conf.exists():
+            return
+        wanted = opts.identity
+        if wanted is None and opts.config is not None:
+            wanted = config_identity(opts.config.read_text(encoding="utf-8", errors="replace"))
+        have = config_identity(conf.read_text(encoding="utf-8", errors="replace"))
+        if wanted is None or have is None or wanted == have:
+            return
+        raise IdentityMismatch(
+            f"{CONFIG} is for tenant/store/device {'/'.join(have)}, but this install asks for {'/'.join(wanted)}",
+            hint=f"edit the identity in {CONFIG} (and register the device key under it), or pass --keep-config "
+                 "to keep the existing identity",
+        )
 
     def _venv(self, opts: InstallOptions) -> None:
         venv = self.at(VENV)
@@ -361,9 +399,14 @@ def install_main(args: object) -> int:
         identity=ident,
         tenant_key=Path(a["tenant_key"]) if a.get("tenant_key") else None,
         python=a.get("python") or sys.executable,
+        keep_config=bool(a.get("keep_config")),
     )
     root = Path(a["root"]).absolute() if a.get("root") else None
-    Installer(root, dry_run=bool(a.get("dry_run"))).install(opts)
+    try:
+        Installer(root, dry_run=bool(a.get("dry_run"))).install(opts)
+    except IdentityMismatch as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

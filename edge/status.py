@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge.ackwatch import ack_alarm, refused_acks
 from edge.buffer.stats import count_events, iter_events, read_stats
 from edge.clock import kernel_clock_synchronized
 from edge.config import Config, is_loopback
@@ -35,6 +36,15 @@ def collect_status(config_path: str) -> dict[str, Any]:
         except (OSError, ValueError):
             doc["runtime"] = {"state": "unknown"}
     doc["page"] = _page(cfg, doc["runtime"])
+    doc["ack_alarm"] = None
+    if cfg.uplink.enabled and doc["buffer"] is not None:
+        b, rt_doc = doc["buffer"], doc["runtime"] or {}
+        uplink = (rt_doc.get("components") or {}).get("uplink") if rt_doc.get("state") == "running" else None
+        alarm = ack_alarm(pending=int(b.get("batches_pending") or 0),
+                          oldest_pending_ms=b.get("oldest_pending_sealed_ms"), last_ack_ms=b.get("last_ack_ms"),
+                          refused=refused_acks(uplink), now_ms=int(time.time() * 1000),
+                          threshold_s=cfg.health.ack_timeout_alarm)
+        doc["ack_alarm"] = alarm.to_json() if alarm is not None else None
     return doc
 
 
@@ -65,6 +75,8 @@ def status_main(config_path: str, *, as_json: bool) -> int:
 
 def _render(doc: dict[str, Any]) -> str:
     lines = [f"device {doc['device']}"]
+    if doc.get("ack_alarm"):
+        lines.append(f"ALARM       {doc['ack_alarm']['reason']}")
     rt = doc.get("runtime")
     if rt:
         state = rt.get("state", "unknown") + (" (stale: daemon not updating)" if rt.get("stale") else "")
@@ -122,26 +134,47 @@ def export_main(config_path: str, out: str) -> int:
     never holds a file that looks whole. On a TTY, a progress bar against the total.
     """
     cfg = load_config(config_path)
+    out_path = Path(out)
+    if (problem := out_problem(out_path)) is not None:
+        print(f"edge: export --out {out}: {problem}", file=sys.stderr)
+        return 2
     if not cfg.buffer_path.exists():
         print(f"edge: no buffer at {cfg.buffer_path}", file=sys.stderr)
         return 1
     bar = _Progress(count_events(cfg.buffer_path)) if sys.stderr.isatty() else None
     n = 0
-    out_path = Path(out)
     tmp = out_path.with_name(out_path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for ev in iter_events(cfg.buffer_path):
-            fh.write(json.dumps(ev, default=_bytes_hex, separators=(",", ":")) + "\n")
-            n += 1
-            if bar is not None and n % 5_000 == 0:
-                bar.show(n)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(out_path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for ev in iter_events(cfg.buffer_path):
+                fh.write(json.dumps(ev, default=_bytes_hex, separators=(",", ":")) + "\n")
+                n += 1
+                if bar is not None and n % 5_000 == 0:
+                    bar.show(n)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(out_path)
+    except OSError as exc:  # stick full, pulled, read-only: no half file may stay behind
+        tmp.unlink(missing_ok=True)
+        print(f"edge: export --out {out}: cannot write: {exc.strerror or exc}; nothing was written",
+              file=sys.stderr)
+        return 1
     if bar is not None:
         bar.show(n, end=True)
     print(f"{n} events written to {out_path}")
     return 0
+
+
+def out_problem(out: Path) -> str | None:
+    """Why `out` cannot be the export file (None when it can): a folder, or a missing folder."""
+    if out.is_dir():
+        return "is a folder; name a file in it, e.g. " + str(out / "events.jsonl")
+    parent = out.parent
+    if not parent.is_dir():
+        return f"the folder {parent} does not exist" if not parent.exists() else f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"the folder {parent} is not writable by this user"
+    return None
 
 
 class _Progress:

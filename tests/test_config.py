@@ -395,9 +395,15 @@ def test_summary_of_many_pos_links_still_fits(tmp_path: Path) -> None:
     assert "more pos links" in text
 
 
-def test_check_config_ok_prints_summary_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    """A valid file: summary on stdout, nothing on stderr, exit 0."""
-    path = str(CONFIG_DIR / "demo.yaml")
+def test_check_config_ok_prints_summary_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid file whose start-up checks pass (keys made): summary on stdout, nothing on stderr, exit 0."""
+    from edge.clock import SystemClock
+    from edge.privacy.keys import KeyStore
+
+    text = (CONFIG_DIR / "demo.yaml").read_text().replace("../demo-state", "state")
+    path = write(tmp_path, text, "demo.yaml")
+    KeyStore(tmp_path / "state" / "keys", SystemClock()).init()
+    capsys.readouterr()  # the key store's log line
     assert check_config_main(path) == 0
     out, err = capsys.readouterr()
     assert out.startswith(f"{path}: OK\n")
@@ -521,3 +527,48 @@ def test_every_validation_problem_has_a_line_and_key_path(tmp_path: Path, where:
             last = keypath.rsplit(".", 1)[-1]
             if not last.endswith("]"):
                 assert last in text.splitlines()[line - 1], (p, text.splitlines()[line - 1])
+
+
+# --- unambiguous units, a duplicate pos name ------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "hint"), [
+    ("max_bytes", "512M", "512M is ambiguous: write 512MiB (powers of 1024) or 512MB (powers of 1000)"),
+    ("max_bytes", "64k", "64k is ambiguous: write 64KiB (powers of 1024) or 64KB (powers of 1000)"),
+    ("max_bytes", "2G", "2G is ambiguous: write 2GiB (powers of 1024) or 2GB (powers of 1000)"),
+])
+def test_a_bare_size_prefix_is_refused_with_both_spellings(tmp_path: Path, key: str, value: str, hint: str) -> None:
+    """`512M` could be MiB or MB (and `5M` looks like minutes): refused, naming what to write."""
+    path, msg = only_problem(tmp_path, IDENTITY + f"buffer:\n  {key}: {value}\n")
+    assert msg == f"{path}:6: buffer.{key}: {value!r} is not valid: {hint}"
+
+
+def test_sizes_with_a_byte_unit_still_read_as_before(tmp_path: Path) -> None:
+    """MiB is 1024², MB is 1000², plain numbers are bytes."""
+    for text, n in (("512MiB", 512 * 1024**2), ("512MB", 512 * 1000**2), ("2000000", 2_000_000)):
+        assert load_config(write(tmp_path, IDENTITY + f"buffer:\n  max_bytes: {text}\n")).buffer.max_bytes == n
+
+
+def test_a_capital_m_duration_is_refused_and_a_small_m_is_minutes(tmp_path: Path) -> None:
+    """`5M` is refused (write 5m or 5min); `5m` and `5min` are 300 s."""
+    path, msg = only_problem(tmp_path, IDENTITY + "uplink:\n  ack_timeout: 5M\n")
+    assert msg == (f"{path}:6: uplink.ack_timeout: '5M' is not valid: 5M is ambiguous: write 5m or 5min for "
+                   "minutes (sizes are written 512MiB or 512MB)")
+    for text in ("5m", "5min"):
+        assert load_config(write(tmp_path, IDENTITY + f"uplink:\n  ack_timeout: {text}\n")).uplink.ack_timeout == 300
+
+
+def test_a_duplicate_pos_name_names_only_the_duplicate(tmp_path: Path) -> None:
+    """The third link repeats the first's name: the problem is at its line, names both indexes and
+    does not dump the whole list."""
+    links = "    - name: till-1\n    - name: till-2\n    - name: till-1\n"  # lines 7-9
+    path, msg = only_problem(tmp_path, IDENTITY + "drivers:\n  pos:\n" + links)
+    assert msg == (f"{path}:9: drivers.pos[2].name: 'till-1' is not valid: the name is already used by "
+                   "drivers.pos[0]; each pos link needs its own name")
+
+
+def test_health_listen_takes_a_bare_port(tmp_path: Path) -> None:
+    """`listen: 9108` (a YAML number) and `listen: "9108"` mean 127.0.0.1:9108."""
+    for text in ("9108", '"9108"'):
+        cfg = load_config(write(tmp_path, IDENTITY + f"health:\n  listen: {text}\n"))
+        assert cfg.health.address() == ("127.0.0.1", 9108)

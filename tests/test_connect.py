@@ -147,6 +147,16 @@ def test_plain_url_gives_no_tls_context_and_warns_when_tls_is_configured(tls_cer
     assert [e["event"] for e in logs] == ["uplink_tls_ignored"]
 
 
+def test_tls_ignored_is_logged_once_per_uplink_not_per_reconnect(tls_certs: CertPaths) -> None:
+    """The uplink passes one `warned` set for its life: ten reconnects, one uplink_tls_ignored."""
+    warned: set[str] = set()
+    uplink = tls_uplink("mqtt://127.0.0.1:1883", ca=tls_certs.ca)
+    with capture_logs() as logs:
+        for _ in range(10):
+            connect_params(uplink, warned=warned)
+    assert [e["event"] for e in logs] == ["uplink_tls_ignored"]
+
+
 def test_tls_context_verifies_the_server_and_requires_tls_1_2(tls_certs: CertPaths) -> None:
     """mqtts:// contexts verify the certificate chain and the host name, and never go below TLS 1.2."""
     params = connect_params(tls_uplink("mqtts://localhost", ca=tls_certs.ca,

@@ -288,11 +288,16 @@ async def test_healthz_and_bad_requests_do_not_break_the_server(tmp_path: Path) 
 
 
 def test_the_endpoint_is_local_unless_configured_otherwise() -> None:
-    """Default listen address is loopback; a malformed one is a config error naming the form."""
+    """Default listen address is loopback; a bare port (int or text) means loopback too; a
+    malformed one is a config error naming the form."""
     assert Health().listen.startswith("127.0.0.1:")
     assert Health(listen="[::1]:9108").address() == ("::1", 9108)
+    assert Health(listen="9108").address() == ("127.0.0.1", 9108)
+    assert Health.model_validate({"listen": 9108}).listen == "127.0.0.1:9108"
     with pytest.raises(ValueError, match="host:port"):
-        Health(listen="9108")
+        Health(listen="nine")
+    with pytest.raises(ValueError, match="host:port"):
+        Health(listen="99999")
     with pytest.raises(ValueError, match="brackets"):
         Health(listen="::1:9108")
 

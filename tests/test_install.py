@@ -208,3 +208,50 @@ def test_the_identity_must_be_valid_ids() -> None:
     template = (ROOT / "config/store.yaml").read_text()
     with pytest.raises(InstallError, match="store"):
         render_config(template, "acme", "Berlin Mitte", "edge-07")
+
+
+def _existing_config(root: Path) -> Path:
+    conf = root / "etc/store-edge/store.yaml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(render_config((ROOT / "config/store.yaml").read_text(), "acme", "s042", "edge-07"))
+    return conf
+
+
+def test_another_identity_than_the_existing_configs_is_refused_with_exit_2(tmp_path: Path) -> None:
+    """An existing config is kept, so --store/--device naming another device must not pass silently:
+    exit 2 naming both identities, before anything is installed."""
+    root = tmp_path / "root"
+    conf = _existing_config(root)
+    before = conf.read_bytes()
+    res = edge("install", "--systemd", "--root", str(root), "--source", str(ROOT), "--no-deps",
+               "--tenant", "acme", "--store", "s043", "--device", "edge-01", timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "acme/s042/edge-07" in res.stderr
+    assert "acme/s043/edge-01" in res.stderr
+    assert "--keep-config" in res.stderr
+    assert conf.read_bytes() == before
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        "etc", "etc/store-edge", "etc/store-edge/store.yaml"]
+
+
+def test_a_prepared_config_with_another_identity_is_refused_too(tmp_path: Path) -> None:
+    """--config FILE for another device than the kept config's: the same refusal."""
+    from edge.install import IdentityMismatch, Installer, InstallOptions
+
+    root = tmp_path / "root"
+    _existing_config(root)
+    other = tmp_path / "other.yaml"
+    other.write_text(render_config((ROOT / "config/store.yaml").read_text(), "acme", "s042", "edge-08"))
+    with pytest.raises(IdentityMismatch, match=r"edge-07.*edge-08"):
+        Installer(root).install(InstallOptions(source=ROOT, config=other))
+
+
+def test_keep_config_or_the_same_identity_pass_the_identity_check(tmp_path: Path) -> None:
+    """The same identity again (an upgrade), or --keep-config, are not refused."""
+    from edge.install import Installer, InstallOptions
+
+    root = tmp_path / "root"
+    _existing_config(root)
+    inst = Installer(root)
+    inst.check_identity(InstallOptions(source=ROOT, identity=("acme", "s042", "edge-07")))
+    inst.check_identity(InstallOptions(source=ROOT, identity=("acme", "s043", "edge-01"), keep_config=True))

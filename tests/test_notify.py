@@ -281,9 +281,10 @@ def test_ready_after_startup_with_status_then_watchdog_pings(
 
 
 def test_a_failed_start_never_says_ready(tmp_path: Path, systemd: FakeSystemd, daemons: list[Daemon]) -> None:
-    """No device keys: exit 1 with the reason, and no READY=1 was ever sent."""
+    """No device keys: exit 2 (a start-up check shared with check-config) with the reason, and no
+    READY=1 was ever sent."""
     d = start(make_config(tmp_path, keys=False), systemd, daemons)
-    assert d.proc.wait(60) == 1
+    assert d.proc.wait(60) == 2
     systemd.pump(0.3)
     assert not any(m.has("READY") for m in systemd.messages)
     assert any(ln.get("event") == "startup_failed" for ln in d.lines())

@@ -21,7 +21,9 @@ from edge.events import SOURCES
 
 log = structlog.get_logger("edge.buffer")
 
-BATCHES_SQL = "SELECT state, count(*), coalesce(sum(length(payload)), 0) FROM batches GROUP BY state"
+BATCHES_SQL = (
+    "SELECT state, count(*), coalesce(sum(length(payload)), 0), min(sealed_ms) FROM batches GROUP BY state"
+)
 DROPS_SQL = "SELECT source, reason, count, pending FROM drops ORDER BY source, reason"
 META_SQL = "SELECT k, v FROM meta WHERE k IN ('next_event_id', 'next_seq', 'last_ack_ms')"
 # plain inserts do not rewrite meta.next_event_id: the next id is at least max(id) + 1
@@ -56,6 +58,7 @@ class BufferStats:
     next_seq: int
     queued: int = 0  # waiting for a commit (only known inside the daemon)
     degraded: str | None = None  # only known inside the daemon
+    oldest_pending_sealed_ms: int | None = None  # when the oldest unacked batch was sealed (wall clock)
 
     @property
     def oldest_unsent_ts(self) -> int | None:
@@ -82,6 +85,7 @@ class BufferStats:
             "next_seq": self.next_seq,
             "queued": self.queued,
             "degraded": self.degraded,
+            "oldest_pending_sealed_ms": self.oldest_pending_sealed_ms,
         }
 
 
@@ -98,7 +102,12 @@ def assemble(
     """BufferStats from the rows of BATCHES_SQL, DROPS_SQL and META_SQL."""
     full: dict[str, SourceBacklog] = {src: SourceBacklog(0, 0, None) for src in SOURCES}
     full.update(backlog)
-    batches = {state: (int(n), int(b)) for state, n, b in batch_rows}
+    batches: dict[str, tuple[int, int]] = {}
+    oldest_pending: int | None = None
+    for state, n, b, sealed in batch_rows:
+        batches[state] = (int(n), int(b))
+        if state == "pending" and sealed is not None:
+            oldest_pending = int(sealed)
     drops: dict[str, int] = {}
     unreported = 0
     for source, reason, count, pending in drop_rows:
@@ -119,6 +128,7 @@ def assemble(
         next_seq=int(meta.get("next_seq", 1)),
         queued=queued,
         degraded=degraded,
+        oldest_pending_sealed_ms=oldest_pending,
     )
 
 

@@ -211,6 +211,31 @@ class KeyStore:
             self._install(eph, self._rotation_s if self._rotation_s > 0 else 86400.0, fresh=True)
         log.info("keys_created", keys_dir=str(self._dir), kid=self.kid(), forced=force)
 
+    def unreadable(self) -> list[str]:
+        """Problems with the signing key and the newest ephemeral key file that would stop the
+        daemon, read only (nothing is shredded or created): missing, unreadable, unsafe mode or
+        wrong size. A corrupt ephemeral key is not one: the daemon replaces it."""
+        problems: list[str] = []
+        try:
+            raw = _read_private(self._dir / SIGNING_FILE)
+            if len(raw) != 32:
+                problems.append(f"signing key {self._dir / SIGNING_FILE} is {len(raw)} bytes, expected 32 raw "
+                                "bytes (hint: restore it from backup or re-create with: edge keys init --force)")
+        except FileNotFoundError:
+            problems.append(f"no signing key in {self._dir} (hint: create keys with: edge keys init)")
+        except KeyError_ as exc:
+            problems.append(str(exc))
+        files = self._ephemeral_files()
+        if files:  # none at all is fine: the daemon creates the first one
+            epoch, path = files[-1]
+            try:
+                self._parse_ephemeral(epoch, path)
+            except FileNotFoundError:
+                pass  # rotated away meanwhile
+            except KeyError_ as exc:
+                problems.append(str(exc))
+        return problems
+
     def signing_key(self) -> Ed25519PrivateKey:
         if self._signing is None:
             path = self._dir / SIGNING_FILE

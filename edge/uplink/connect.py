@@ -151,10 +151,14 @@ class ConnectParams:
         )
 
 
-def connect_params(uplink: Uplink, *, url: str | None = None, timeout: float = 10.0) -> ConnectParams:
+def connect_params(
+    uplink: Uplink, *, url: str | None = None, timeout: float = 10.0, warned: set[str] | None = None
+) -> ConnectParams:
     """Connection parameters for `uplink`; `url` overrides `uplink.broker` (the result of discovery).
 
-    TLS settings apply to mqtts:// only; with mqtt:// they are ignored and a warning is logged.
+    TLS settings apply to mqtts:// only; with mqtt:// they are ignored and a warning is logged,
+    once per `warned` set (the uplink passes one for its whole life, so a reconnect does not
+    repeat it; the set records what was logged).
     """
     target = url if url is not None else uplink.broker
     if target == "auto":
@@ -164,8 +168,11 @@ def connect_params(uplink: Uplink, *, url: str | None = None, timeout: float = 1
         )
     address = parse_broker_url(target)
     configured = any(v is not None for v in (uplink.tls.ca_file, uplink.tls.cert_file, uplink.tls.key_file))
-    if not address.tls and configured:
+    note = f"uplink_tls_ignored {address.url}"
+    if not address.tls and configured and (warned is None or note not in warned):
         log.warning("uplink_tls_ignored", broker=address.url, reason="plain mqtt:// URL")
+        if warned is not None:
+            warned.add(note)
     ctx = tls_context(uplink.tls) if address.tls else None
     return ConnectParams(address, ctx, keepalive=round(uplink.keepalive), timeout=timeout)
 

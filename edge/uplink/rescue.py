@@ -100,15 +100,16 @@ async def export_signed(cfg: Config, out: Path, clock: Clock) -> tuple[int, int]
 def export_signed_main(config_path: str, out: str) -> int:
     """`edge export --signed --out FILE`: 0 when written, 2 when FILE cannot be written."""
     from edge.configload import load_config
+    from edge.status import out_problem
 
     cfg = load_config(config_path)
+    out_path = Path(out)
+    if (problem := out_problem(out_path)) is not None:
+        print(f"edge: export --out {out}: {problem}", file=sys.stderr)
+        return 2
     if not cfg.buffer_path.exists():
         print(f"edge: no buffer at {cfg.buffer_path}", file=sys.stderr)
         return 1
-    out_path = Path(out)
-    if out_path.is_dir() or not out_path.parent.is_dir():
-        print(f"edge export: {out}: not a file in an existing folder", file=sys.stderr)
-        return 2
     sealed, written = asyncio.run(export_signed(cfg, out_path, SystemClock()))
     print(f"{written} signed batches written to {out_path} ({sealed} sealed now); "
           f"import them with: edge-cloud import --config RECEIVER.yaml {out_path}")  # fmt: skip

@@ -94,6 +94,7 @@ class Uplink:
         }
         self.last_ack_ms: int | None = None
         self._params: ConnectParams | None = None
+        self._warned: set[str] = set()  # configuration warnings already logged (once, not per reconnect)
         self._connected = False  # a session is established (until it ends)
 
     # -- component protocol ---------------------------------------------------------
@@ -170,7 +171,7 @@ class Uplink:
         return await discover_broker(self._ucfg.discovery.interfaces, self._ucfg.discovery.timeout)
 
     async def _session(self, url: str) -> None:
-        params = connect_params(self._ucfg, url=url)
+        params = connect_params(self._ucfg, url=url, warned=self._warned)
         self._params = params
         offline = json.dumps({"state": "offline", "device": self._ids[2]}).encode()
         client = params.client(
