@@ -33,7 +33,8 @@ from hil.peers.pos import PosPeer
 # event type -> (data keys always present, data keys that may be present), per real backend
 BLE_SHAPES: dict[str, tuple[set[str], set[str]]] = {
     "presence.enter": ({"rssi"}, {"zone"}),
-    "presence.exit": ({"dwell_ms", "rssi_min", "rssi_mean", "rssi_max", "reason"}, {"zone"}),
+    "presence.exit": ({"dwell_ms", "rssi_min", "rssi_mean", "rssi_max", "rssi_last", "weak_ms", "reason"},
+                      {"zone", "zone_last"}),
     "presence.occupancy": ({"count", "peak", "interval_ms"}, {"zone"}),
     "beacon.seen": ({"beacon", "frame", "rssi", "rssi_mean", "samples", "tx_power"},
                     {"uuid", "major", "minor", "namespace", "instance", "recovered"}),

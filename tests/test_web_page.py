@@ -54,6 +54,14 @@ class FakeAnalytics:
         self.intervals = intervals
         self.footfall_total = 412
 
+    def flush(self) -> list[Any]:
+        """What the supervisor calls at stop: nothing open to publish here."""
+        return []
+
+    def status(self) -> dict[str, Any]:
+        """What the supervisor writes into runtime.json."""
+        return {"visits": 0}
+
     def snapshot(self) -> dict[str, Any]:
         ivs = []
         for i in range(self.intervals):
