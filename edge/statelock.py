@@ -4,7 +4,8 @@
 opened; a second daemon on the same folder stops with exit 2 naming the holder's pid
 instead of corrupting the buffer's ids and stealing the MQTT session. The kernel drops the
 lock when the holder exits, even by SIGKILL, so a stale file never blocks a restart.
-`edge status` and `edge export` read the buffer read-only and never take the lock.
+`edge status` and `edge export` read the buffer read-only and never take the lock;
+`edge export --signed` seals batches, so it takes it (and refuses beside a running daemon).
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ class StateLock:
 
     def acquire(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a planted symlink must not make us overwrite its target with our pid
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise EdgeError(f"cannot open the lock file {self.path}: {exc.strerror or exc}",
+                            hint="it must be a regular file (not a symlink) in a folder this user can write") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -145,7 +145,7 @@ def export_main(config_path: str, out: str) -> int:
     n = 0
     tmp = out_path.with_name(out_path.name + ".partial")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8", opener=private_opener) as fh:
             for ev in iter_events(cfg.buffer_path):
                 fh.write(json.dumps(ev, default=_bytes_hex, separators=(",", ":")) + "\n")
                 n += 1
@@ -163,6 +163,13 @@ def export_main(config_path: str, out: str) -> int:
         bar.show(n, end=True)
     print(f"{n} events written to {out_path}")
     return 0
+
+
+def private_opener(path: str, flags: int) -> int:
+    """`open(..., opener=private_opener)`: a new export file is 0600 whatever the umask (it holds pseudonyms)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file already existed (a leftover .partial)
+    return fd
 
 
 def out_problem(out: Path) -> str | None:

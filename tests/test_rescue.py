@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from edge.clock import SystemClock
 from edge.configload import load_config
 from edge.events import Pending
 from edge.privacy.keys import KeyStore
+from edge.statelock import StateLock
 from edge.uplink.rescue import MAGIC, read_records, write_record
 
 pytestmark = pytest.mark.mosquitto
@@ -61,6 +63,7 @@ async def test_signed_export_is_imported_once_and_later_network_resends_are_dupl
     assert await asyncio.to_thread(edge_main, ["export", "--config", str(conf), "--out", str(stick), "--signed"]) == 0
     assert "3 signed batches" in capsys.readouterr().out  # 250 events, 100 per batch
     assert not (tmp_path / "stick.bin.partial").exists()
+    assert stick.stat().st_mode & 0o777 == 0o600  # whatever the umask: it holds pseudonyms
     with stick.open("rb") as fh:
         records = list(read_records(fh, max_payload=1 << 20))
     assert [t for t, _ in records] == ["edge/v1/acme/s001/edge-usb/batch"] * 3
@@ -105,3 +108,19 @@ def test_import_refuses_a_foreign_key_and_a_file_that_is_not_an_export(tmp_path:
     assert not (tmp_path / "events.jsonl").read_text()
     stick.write_bytes(b"not an export")
     assert cloud_main(["import", "--config", str(rconf), str(stick)]) == 2
+
+
+
+async def test_signed_export_refuses_beside_a_running_daemon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sealing writes to the buffer: with the state folder locked (a daemon running) it exits 2 naming
+    the holder and writes nothing."""
+    conf, _ = await _device(tmp_path, Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex())
+    stick = tmp_path / "stick.bin"
+    with StateLock(load_config(conf).paths.state_dir):
+        assert await asyncio.to_thread(edge_main, ["export", "--config", str(conf), "--out", str(stick),
+                                                   "--signed"]) == 2
+    assert f"pid {os.getpid()}" in capsys.readouterr().err
+    assert not stick.exists()
+    assert not stick.with_name(stick.name + ".partial").exists()

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from edge.clock import Clock, SystemClock
 from edge.config import Config
+from edge.status import private_opener
 from edge.wire.uplink import batch_topic
 
 MAGIC = b"edge-batches-v1\n"
@@ -84,7 +85,7 @@ async def export_signed(cfg: Config, out: Path, clock: Clock) -> tuple[int, int]
     topic = batch_topic(cfg.uplink.prefix, ident.tenant, ident.store, ident.device)
     tmp = out.with_name(out.name + ".partial")
     try:
-        with tmp.open("wb") as fh:
+        with open(tmp, "wb", opener=private_opener) as fh:  # noqa: ASYNC230 - one-shot CLI; nothing else on this loop
             fh.write(MAGIC)
             for b in pending:
                 write_record(fh, topic, b.payload)
@@ -110,7 +111,15 @@ def export_signed_main(config_path: str, out: str) -> int:
     if not cfg.buffer_path.exists():
         print(f"edge: no buffer at {cfg.buffer_path}", file=sys.stderr)
         return 1
-    sealed, written = asyncio.run(export_signed(cfg, out_path, SystemClock()))
+    from edge.statelock import StateLock, StateLocked
+
+    try:  # sealing writes to the buffer: never beside a running daemon (its ids and counters would go stale)
+        with StateLock(cfg.paths.state_dir):
+            sealed, written = asyncio.run(export_signed(cfg, out_path, SystemClock()))
+    except StateLocked as exc:
+        print(f"edge: export --signed: {exc}; stop it first, or use `edge export` (read-only JSON lines)",
+              file=sys.stderr)
+        return 2
     print(f"{written} signed batches written to {out_path} ({sealed} sealed now); "
           f"import them with: edge-cloud import --config RECEIVER.yaml {out_path}")  # fmt: skip
     return 0
