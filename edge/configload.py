@@ -63,6 +63,8 @@ def load_config(path: str | Path) -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         problems += [_describe(err, where, node, data) for err in exc.errors(include_url=False)]
+    else:
+        problems += _trust(cfg, where, node)
     if problems:
         raise ConfigError(where, [text for _, text in sorted(problems, key=lambda p: p[0])])
     return _resolve_paths(cfg, Path(os.path.abspath(where)).parent)
@@ -125,6 +127,15 @@ def _duplicates(node: yaml.Node, loc: Loc, where: str) -> list[Problem]:
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out += _duplicates(item, (*loc, i), where)
+    return out
+
+
+def _trust(cfg: Config, where: str, root: yaml.Node) -> list[Problem]:
+    """The uplink's trust rules (edge.config.Uplink.trust_problems), each at its key's line."""
+    out: list[Problem] = []
+    for key, msg in cfg.uplink.trust_problems():
+        line = _locate(root, tuple(key.split(".")))
+        out.append((line, f"{where}:{line}: {key}: {msg}"))
     return out
 
 
@@ -322,7 +333,7 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"uplink     {u.broker} (prefix {u.prefix})" if u.enabled else "uplink     disabled",
         f"{pad}TLS: off" if u.broker.startswith("mqtt://") else f"{pad}TLS: {tls}",
         f"{pad}window {u.window} batches, ack timeout {format_duration(u.ack_timeout)}, "
-        f"acks {'signed' if u.cloud_public_key else 'unsigned (no cloud_public_key)'}",
+        f"acks {'signed by the cloud key' if u.cloud_public_key else 'UNSIGNED (insecure_unsigned_acks: lab only)'}",
         *[("drivers    " if n == 0 else pad) + line for n, line in enumerate(drivers or ["none enabled"])],
         f"privacy    {', '.join(classes[:3])}",
         f"{pad}{', '.join(classes[3:])}",
@@ -338,17 +349,31 @@ def _on(backend: str, device: str | None, rate: float) -> str:
     return f"simulated, {rate:g} readings/s" if backend == "sim" else f"{backend} on {device}"
 
 
+def file_problems(cfg: Config, path: str | Path) -> list[str]:
+    """Problems with files the config names that `edge run` would only meet at run time."""
+    from edge.privacy.consent import consent_file_problem
+
+    out = []
+    consent = cfg.privacy.consent_file
+    if consent is not None and (why := consent_file_problem(consent)) is not None:
+        out.append(f"{path}: privacy.consent_file: {consent} {why}; until fixed nobody counts as consented")
+    return out
+
+
 def check_config_main(path: str) -> int:
     """`edge check-config PATH`: summary and 0, or one line per problem on stderr and 2."""
     try:
-        text = summarize(load_config(path), path)
+        cfg = load_config(path)
+        problems = file_problems(cfg, path)
+        text = summarize(cfg, path)
     except ConfigError as exc:
         problems = exc.problems
     except Exception as exc:  # an operator tool prints a message, never a traceback
         problems = [f"{path}: unexpected error while checking: {type(exc).__name__}: {exc}"]
     else:
-        print(text)
-        return 0
+        if not problems:
+            print(text)
+            return 0
     for problem in problems:
         print(problem, file=sys.stderr)
     print(f"{len(problems)} problem(s) in {path}", file=sys.stderr)

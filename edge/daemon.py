@@ -9,6 +9,7 @@ endpoint and the zeroconf announcement are components after the uplink.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import structlog
@@ -60,8 +61,12 @@ async def run_daemon(
         await link.close()
 
 
+PRIVATE_UMASK = 0o077  # buffer.db (+ -wal, -shm), runtime.json, keys: owner only, whoever started us
+
+
 def run_main(config_path: str) -> int:
     no_core = disable_core_dumps()  # first: memory will hold raw identifiers (edge/coredump.py)
+    os.umask(PRIVATE_UMASK)  # systemd sets UMask=0077; a shell's 022 would leave the buffer world-readable
     cfg = load_config(config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)
     capture_uncaught()

@@ -28,6 +28,7 @@ from drivers.registry import build_drivers
 from edge.clock import Clock, SystemClock
 from edge.config import Config
 from edge.coredump import disable_core_dumps
+from edge.daemon import PRIVATE_UMASK
 from edge.events import IdentClass
 from edge.leakscan import Needle, needles_for, scan
 from edge.logs import configure_logging
@@ -216,6 +217,7 @@ def _count_received(out: Path) -> dict[str, Any]:
 def demo_main(*, duration: float, broker: str | None, summary: str | None, rate: float | None,
               state: str | None) -> int:
     disable_core_dumps()  # the demo's daemon runs in this process (edge/coredump.py)
+    os.umask(PRIVATE_UMASK)  # as `edge run`: every file of the demo's state folder is 0600
     root = Path(state) if state else Path(tempfile.mkdtemp(prefix="edge-demo-"))
     print(f"store-edge demo: state in {root}; {duration:g}s of a simulated store", file=sys.stderr)
     result = asyncio.run(run_demo(root, duration=duration, broker=broker, rate=rate or 50.0))
