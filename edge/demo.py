@@ -51,14 +51,14 @@ INJECTED: tuple[tuple[IdentClass, str], ...] = (
 )
 
 
-def _device_config(root: Path, broker: str, cloud_pub: str, rate: float) -> Config:
+def _device_config(root: Path, broker: str, cloud_pub: str, rate: float, protocol: str = "auto") -> Config:
     sim = {"rate": rate, "seed": 42}
     return Config.model_validate({
         "identity": {"tenant": TENANT, "store": STORE, "device": DEVICE},
         "paths": {"state_dir": str(root / "device"), "keys_dir": str(root / "device" / "keys")},
         "buffer": {"commit_interval": "20ms"},
         "uplink": {
-            "broker": broker, "cloud_public_key": cloud_pub, "window": 8,
+            "broker": broker, "cloud_public_key": cloud_pub, "window": 8, "protocol": protocol,
             "batch": {"max_events": 500, "linger": "100ms"}, "ack_timeout": "5s",
             "reconnect": {"initial": "200ms", "max": "5s"},
         },
@@ -103,7 +103,8 @@ async def run_demo(
                 from edge.uplink.broker import EmbeddedBroker
 
                 url = (await stack.enter_async_context(EmbeddedBroker())).url
-            cfg = _device_config(root, url, cloud_pub, rate)
+            # the embedded amqtt speaks 3.1.1 only (an MQTT 5 CONNECT with properties hangs it)
+            cfg = _device_config(root, url, cloud_pub, rate, "auto" if broker else "3.1.1")
             keys = KeyStore(cfg.paths.keys_dir, clock)
             if not keys.exists():
                 keys.init()

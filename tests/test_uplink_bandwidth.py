@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.cloudkey import CLOUD_PUBLIC_HEX, write_cloud_key
 from support.mosquitto import Mosquitto
 from uplink_e2e import capture, check_chain, received_ids
 
@@ -38,7 +39,7 @@ def _config(state: Path, url: str) -> Config:
         "identity": {"tenant": "acme", "store": "s001", "device": "edge-bw"},
         "paths": {"state_dir": str(state), "keys_dir": str(state / "keys")},
         "uplink": {
-            "broker": url, "bandwidth": RATE, "window": 8, "ack_timeout": "60s",
+            "cloud_public_key": CLOUD_PUBLIC_HEX, "broker": url, "bandwidth": RATE, "window": 8, "ack_timeout": "60s",
             "batch": {"max_events": 40, "linger": "10ms", "compression": "none"},
         },
         "drivers": {"ble": {"enabled": False}, "nfc": {"enabled": False}},
@@ -64,7 +65,8 @@ async def test_bandwidth_cap_bounds_the_bytes_published_over_time(tmp_path: Path
     (tmp_path / "rkeys").mkdir()
     (tmp_path / "rkeys" / "edge-bw.pub").write_text(keys.public_key().hex())
     rcfg = ReceiverConfig(broker=mosquitto.url, client_id="bw-receiver", keys_dir=tmp_path / "rkeys",
-                          db=tmp_path / "r.db", out=tmp_path / "events.jsonl")  # fmt: skip
+                          db=tmp_path / "r.db", out=tmp_path / "events.jsonl",
+                          cloud_key=write_cloud_key(tmp_path / "cloud.key"))  # fmt: skip
     receiver = Receiver(rcfg)
     rstop = asyncio.Event()
     rtask = asyncio.create_task(receiver.run(rstop))
