@@ -57,6 +57,8 @@ def _render(doc: dict[str, Any]) -> str:
         for name, c in (rt.get("components") or {}).items():
             where = c.get("listen") or c.get("service") or c.get("broker")
             lines.append(f"{name:<11} {c.get('state', '?')}" + (f" ({where})" if where else ""))
+            if name == "uplink":
+                lines += _uplink_lines(c)
     else:
         lines.append("daemon      not running (no runtime status)")
     clk = doc.get("clock")
@@ -84,6 +86,25 @@ def _render(doc: dict[str, Any]) -> str:
     ago = f"{format_duration(max(0.0, (now - last_ack) / 1000))} ago" if last_ack else "never"
     lines.append(f"last ack    {ago}")
     return "\n".join(lines)
+
+
+def _uplink_lines(c: dict[str, Any]) -> list[str]:
+    """Trust and rejections of the uplink: what an operator must see without asking."""
+    pad = " " * 12
+    out = []
+    if c.get("unsigned_acks_trusted"):
+        out.append(f"{pad}WARNING: acks are NOT verified (uplink.insecure_unsigned_acks, no cloud_public_key): "
+                   "anyone on the broker can make this box delete its data")
+    rejections = c.get("rejections") or {}
+    if rejections:
+        shown = ", ".join(f"{reason} {n}" for reason, n in sorted(rejections.items()))
+        out.append(f"{pad}rejected by the cloud: {shown} (chain-broken quarantined, others resent later; "
+                   f"{c.get('waiting_to_resend', 0)} waiting)")
+    ignored = {"unsigned": c.get("acks_unsigned", 0), "bad signature": c.get("acks_forged", 0),
+               "malformed": c.get("acks_malformed", 0)}
+    if any(ignored.values()):
+        out.append(f"{pad}acks ignored: " + ", ".join(f"{k} {n}" for k, n in ignored.items() if n))
+    return out
 
 
 def export_main(config_path: str, out: str) -> int:

@@ -240,3 +240,19 @@ def test_edge_run_makes_its_files_0600_under_umask_022(tmp_path: Path) -> None:
         proc.wait(30)
     assert set(want) <= set(modes), modes
     assert {n: m for n, m in modes.items() if m & 0o077} == {}, modes
+
+
+def test_edge_status_shows_unverified_acks_rejections_and_ignored_acks() -> None:
+    """`edge status` text: a loud warning when acks are not verified, rejections per reason, and
+    counts of ignored (unsigned, wrongly signed) acks."""
+    from edge.status import _render
+
+    uplink = {"state": "online", "broker": "mqtt://b:1883", "unsigned_acks_trusted": True,
+              "rejections": {"unknown-key": 3, "chain-broken": 1}, "waiting_to_resend": 2,
+              "acks_unsigned": 5, "acks_forged": 1, "acks_malformed": 0}  # fmt: skip
+    text = _render({"device": "edge-01", "runtime": {"state": "running", "components": {"uplink": uplink}},
+                    "buffer": None})
+    assert "WARNING: acks are NOT verified" in text
+    assert "rejected by the cloud: chain-broken 1, unknown-key 3" in text
+    assert "2 waiting" in text
+    assert "acks ignored: unsigned 5, bad signature 1" in text
