@@ -256,3 +256,21 @@ def test_edge_status_shows_unverified_acks_rejections_and_ignored_acks() -> None
     assert "rejected by the cloud: chain-broken 1, unknown-key 3" in text
     assert "2 waiting" in text
     assert "acks ignored: unsigned 5, bad signature 1" in text
+
+
+async def test_mqtt311_a_large_inbound_packet_drops_the_connection_unread(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """uplink.protocol 3.1.1 (no Maximum Packet Size in the protocol): a 1 MiB message on the ack
+    topic is refused on its header (inbound_refused counted, connection dropped, reconnected), and a
+    genuine signed ack afterwards still deletes the batch."""
+    async with _running(tmp_path / "state", mosquitto.url, protocol="3.1.1") as (sup, up):
+        assert up.status()["protocol"] == "3.1.1"
+        seq, hh = await _one_batch_in_flight(sup, up)
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="attacker") as attacker:
+            await attacker.publish(ACK, b"\x90" * (1024 * 1024), qos=0)
+            assert await _until(lambda: up.counters["inbound_refused"] == 1, 5), up.status()
+            assert await _until(lambda: up.counters["connects"] == 2 and up.state == "online", 10), up.status()
+            ack = make_ack(tenant="acme", store="s001", device="edge-01", seq=seq, hh=hh, ok=True, key=CLOUD_KEY)
+            await attacker.publish(ACK, ack, qos=1)
+        assert await _until(lambda: up.counters["acked"] == 1, 10), up.status()

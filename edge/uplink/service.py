@@ -5,8 +5,9 @@
 - MQTT 5 where the broker speaks it (`uplink.protocol: auto` falls back to 3.1.1 when refused):
   CONNECT carries Maximum Packet Size `MAX_INBOUND_PACKET`, so the broker never sends us more than
   a few KiB (an ack is under 200 bytes). Under 3.1.1 only the broker can enforce a limit
-  (Mosquitto `max_packet_size`, NATS `max_payload`: docs/security.md); the edge drops anything
-  above `MAX_ACK` before parsing and keeps at most `INBOUND_QUEUE` messages queued.
+  (Mosquitto `max_packet_size`, NATS `max_payload`: docs/security.md), so the edge enforces the
+  same cap itself (edge/uplink/inbound.py: a longer packet drops the connection unread), drops
+  anything above `MAX_ACK` before parsing and keeps at most `INBOUND_QUEUE` messages queued.
 - Keeps up to `uplink.window` batches in flight; a batch not acked within `ack_timeout`
   is published again (the stored bytes: byte-identical).
 - Trust (docs/security.md): an ack or rejection changes anything only when its signature by
@@ -43,6 +44,7 @@ from edge.supervisor import Runtime
 from edge.uplink.batcher import Batcher
 from edge.uplink.clientid import client_id
 from edge.uplink.connect import ConnectParams, connect_params, diagnose_connect_error, explain_connect_error
+from edge.uplink.inbound import cap_inbound
 from edge.uplink.wire import MAX_ACK, REASONS, ack_topic, batch_topic, parse_ack, status_topic, verify_ack
 
 log = structlog.get_logger("edge.uplink")
@@ -117,6 +119,7 @@ class Uplink:
         self.counters: dict[str, int] = {
             "published": 0, "resent": 0, "acked": 0, "events_acked": 0, "rejected": 0, "deferred": 0,
             "acks_forged": 0, "acks_unsigned": 0, "acks_unknown": 0, "acks_malformed": 0, "connects": 0,
+            "inbound_refused": 0,
         }
         self.rejections: dict[str, int] = {}  # trusted rejections by reason (chain-broken included)
         self.unsigned_acks_trusted = self._cloud_key is None
@@ -239,6 +242,8 @@ class Uplink:
             properties=props,
             max_queued_incoming_messages=INBOUND_QUEUE,
         )
+        if not self._v5:  # MQTT 5 announces the cap in CONNECT; 3.1.1 needs it enforced here
+            cap_inbound(client, MAX_INBOUND_PACKET, self._inbound_refused)
         async with client:
             self._connected = True
             self.counters["connects"] += 1
@@ -266,6 +271,11 @@ class Uplink:
                     t.cancel()
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(self._status_topic, offline, qos=1, retain=True, timeout=2.0)
+
+    def _inbound_refused(self, size: int) -> None:
+        self.counters["inbound_refused"] += 1
+        log.warning("ack_rejected", reason="oversize-packet", size=size, max_bytes=MAX_INBOUND_PACKET,
+                    action="connection dropped before reading it")
 
     async def _until_stop(self) -> None:
         await self._stopping.wait()
