@@ -83,6 +83,8 @@ def _add_install(sub: Any) -> None:
     p.add_argument("--store", help="identity for a config made from config/store.yaml")
     p.add_argument("--device", help="identity for a config made from config/store.yaml")
     p.add_argument("--tenant-key", metavar="FILE", help="provision the tenant key (32 bytes or 64 hex)")
+    p.add_argument("--cloud-public-key", metavar="HEX",
+                   help="the cloud public key (64 hex, edge-cloud keys create prints it) for a template config")
     p.add_argument("--python", metavar="PATH", help="interpreter for the venv (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done")
 

@@ -51,8 +51,12 @@ class _Unusable(Exception):
     """The file cannot be read or parsed at all: one problem, no validation."""
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, parse and validate `path`; raise ConfigError listing every problem found."""
+def load_config(path: str | Path, *, trust: bool = True) -> Config:
+    """Read, parse and validate `path`; raise ConfigError listing every problem found.
+
+    `trust=False` (for `edge install`, which must read paths from a fresh store.yaml) accepts the
+    shipped cloud key placeholder as unset and skips the uplink trust rules; never for running.
+    """
     where = str(path)
     try:
         node, data = _parse(where)
@@ -60,11 +64,11 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(where, [str(exc)]) from None
     problems = _duplicates(node, (), where)
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, context={"placeholders": not trust})
     except ValidationError as exc:
         problems += [_describe(err, where, node, data) for err in exc.errors(include_url=False)]
     else:
-        problems += _trust(cfg, where, node)
+        problems += _trust(cfg, where, node) if trust else []
     if problems:
         raise ConfigError(where, [text for _, text in sorted(problems, key=lambda p: p[0])])
     return _resolve_paths(cfg, Path(os.path.abspath(where)).parent)
