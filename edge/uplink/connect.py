@@ -168,7 +168,7 @@ def connect_params(uplink: Uplink, *, url: str | None = None, timeout: float = 1
             hint="call edge.uplink.discovery.discover_broker and pass its URL",
         )
     address = parse_broker_url(target)
-    if uplink.broker == "auto" and uplink.tls.ca_file is None:
+    if uplink.broker == "auto" and address.tls and uplink.tls.ca_file is None:
         # a discovered broker is whoever answered on the LAN: its certificate must come from the
         # store's own CA, and a public CA would vouch for any domain an attacker owns
         raise KeyError_(
