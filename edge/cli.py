@@ -158,7 +158,7 @@ def _keys(args: argparse.Namespace) -> int:
     from edge.configload import load_config
     from edge.privacy.keys import KeyStore
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, trust=False)  # keys can be made before the cloud key is known
     keys = KeyStore(cfg.paths.keys_dir, SystemClock())
     if args.keys_cmd == "init":
         keys.init(force=args.force)

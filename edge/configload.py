@@ -54,8 +54,9 @@ class _Unusable(Exception):
 def load_config(path: str | Path, *, trust: bool = True) -> Config:
     """Read, parse and validate `path`; raise ConfigError listing every problem found.
 
-    `trust=False` (for `edge install`, which must read paths from a fresh store.yaml) accepts the
-    shipped cloud key placeholder as unset and skips the uplink trust rules; never for running.
+    `trust=False` (for `edge install`, `keys`, `status`, `export`: they read paths, never talk to
+    the broker) accepts the shipped cloud key placeholder as unset and skips the uplink trust
+    rules. `edge run` and `edge check-config` always load with `trust=True`.
     """
     where = str(path)
     try:

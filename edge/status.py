@@ -17,7 +17,7 @@ from edge.units import format_duration, format_size
 
 
 def collect_status(config_path: str) -> dict[str, Any]:
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, trust=False)  # reading the buffer needs no trust
     doc: dict[str, Any] = {"device": cfg.identity.device, "buffer": None, "runtime": None}
     # measured here, so it shows even when the daemon is not running
     doc["clock"] = {"synchronized": kernel_clock_synchronized(), "wall_ms": int(time.time() * 1000)}
@@ -113,7 +113,7 @@ def export_main(config_path: str, out: str) -> int:
     Written to `<out>.partial` first and renamed when complete, so a stick pulled early
     never holds a file that looks whole. On a TTY, a progress bar against the total.
     """
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, trust=False)  # a rescue export must work before the cloud key is set
     if not cfg.buffer_path.exists():
         print(f"edge: no buffer at {cfg.buffer_path}", file=sys.stderr)
         return 1

@@ -151,3 +151,15 @@ def test_check_config_names_privacy_consent_file_when_it_is_unsafe(tmp_path: Pat
     assert f"privacy.consent_file: {path} is writable by its group and others" in res.stderr
     path.chmod(0o600)
     assert edge("check-config", str(cfg), cwd=tmp_path).returncode == 0
+
+
+def test_keys_status_and_export_work_before_the_cloud_key_is_set(tmp_path: Path) -> None:
+    """Only `run` and `check-config` enforce the trust rules: with the placeholder key (a fresh
+    store.yaml) `edge keys init` and `edge status` still work, so keys can be made and a box
+    rescued before the cloud key is known."""
+    path = write(tmp_path, uplink={"cloud_public_key": "SET-ME-run-edge-cloud-keys-create"})
+    (tmp_path / "state").mkdir()
+    assert edge("keys", "init", "--config", str(path), cwd=tmp_path).returncode == 0
+    res = edge("status", "--config", str(path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert edge("run", "--config", str(path), cwd=tmp_path).returncode == 2
