@@ -16,6 +16,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +275,36 @@ async def test_mqtt311_a_large_inbound_packet_drops_the_connection_unread(
             ack = make_ack(tenant="acme", store="s001", device="edge-01", seq=seq, hh=hh, ok=True, key=CLOUD_KEY)
             await attacker.publish(ACK, ack, qos=1)
         assert await _until(lambda: up.counters["acked"] == 1, 10), up.status()
+
+
+def _has_components(sup: Supervisor) -> bool:
+    return sup.runtime is not None and bool(sup.runtime.components)
+
+
+async def test_insecure_unsigned_acks_warns_at_every_start_and_shows_in_status(tmp_path: Path) -> None:
+    """insecure_unsigned_acks without a cloud key: each start logs uplink_acks_unsigned, and the
+    status says unsigned acks are trusted; an uplink built in code without key or flag refuses to
+    start (StartupError naming uplink.cloud_public_key)."""
+    from structlog.testing import capture_logs
+
+    from edge.errors import StartupError
+
+    state = tmp_path / "state"
+    state.mkdir()
+    clock = SystemClock()
+    for round_ in range(2):
+        cfg = _config(state, "mqtt://127.0.0.1:9", cloud_public_key=None, insecure_unsigned_acks=True)
+        KeyStore(cfg.paths.keys_dir, clock).init(force=True)
+        sup = Supervisor(cfg, clock, drivers=lambda c, k: [], components=[uplink_component])
+        stop = asyncio.Event()
+        with capture_logs() as logs:
+            task = asyncio.create_task(sup.run(stop))
+            assert await _until(partial(_has_components, sup), 10)
+            assert sup.runtime is not None
+            assert sup.runtime.components[0].status()["unsigned_acks_trusted"] is True
+            stop.set()
+            await asyncio.wait_for(task, 20)
+        assert [e for e in logs if e["event"] == "uplink_acks_unsigned"], (round_, logs)
+    cfg = _config(state, "mqtt://127.0.0.1:9", cloud_public_key=None)
+    with pytest.raises(StartupError, match=r"uplink\.cloud_public_key"):
+        await Supervisor(cfg, clock, drivers=lambda c, k: [], components=[uplink_component]).run(asyncio.Event())
