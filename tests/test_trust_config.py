@@ -163,3 +163,15 @@ def test_keys_status_and_export_work_before_the_cloud_key_is_set(tmp_path: Path)
     res = edge("status", "--config", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert edge("run", "--config", str(path), cwd=tmp_path).returncode == 2
+
+
+def test_protocol_accepts_an_unquoted_5() -> None:
+    """`uplink.protocol: 5` (YAML reads a number) means MQTT 5; unknown versions are refused."""
+    from pydantic import ValidationError
+
+    from edge.config import Uplink
+
+    assert Uplink.model_validate({"protocol": 5}).protocol == "5"
+    assert Uplink.model_validate({"protocol": "3.1.1"}).protocol == "3.1.1"
+    with pytest.raises(ValidationError):
+        Uplink.model_validate({"protocol": 4})
