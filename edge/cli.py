@@ -91,6 +91,8 @@ def _add_install(sub: Any) -> None:
     p.add_argument("--keep-config", action="store_true",
                    help="keep an existing store.yaml even when its identity differs from --tenant/--store/--device")
     p.add_argument("--tenant-key", metavar="FILE", help="provision the tenant key (32 bytes or 64 hex)")
+    p.add_argument("--cloud-public-key", metavar="HEX",
+                   help="the cloud public key (64 hex, edge-cloud keys create prints it) for a template config")
     p.add_argument("--python", metavar="PATH", help="interpreter for the venv (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done")
 
@@ -172,7 +174,7 @@ def _keys(args: argparse.Namespace) -> int:
     from edge.errors import KeyError_
     from edge.privacy.keys import KeyStore
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, trust=False)  # keys can be made before the cloud key is known
     keys = KeyStore(cfg.paths.keys_dir, SystemClock())
     if args.keys_cmd == "init":
         try:

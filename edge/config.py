@@ -10,7 +10,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from drivers.ble.config import Ble
 from drivers.nfc.config import Nfc
@@ -106,6 +106,11 @@ class Buffer(Model):
         return v
 
 
+KEY_PLACEHOLDER = "SET-ME"  # config/store.yaml ships `cloud_public_key: SET-ME-...`
+MAKE_CLOUD_KEY = ("make the cloud key pair with `edge-cloud keys create --out FILE` and set the 64-hex "
+                  "public key it prints")
+
+
 class Tls(Model):
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -121,6 +126,8 @@ class Tls(Model):
 class Discovery(Model):
     interfaces: list[str] = Field(default_factory=list)  # empty: all
     timeout: Duration = 5.0
+    # also accept plain `_mqtt._tcp` adverts (anyone on the LAN can announce one): lab only
+    allow_plain: bool = False
 
 
 class BatchLimits(Model):
@@ -147,9 +154,21 @@ class Uplink(Model):
     ack_timeout: Duration = Field(default=15.0, gt=0)
     reconnect: Reconnect = Field(default_factory=Reconnect)
     bandwidth: Size | None = None  # bytes per second; None = unlimited
-    # cloud Ed25519 public key (64 hex chars); when set, only signed acks delete batches
+    # cloud Ed25519 public key (64 hex chars): only acks signed by it delete (or quarantine) batches
     cloud_public_key: str | None = None
+    # lab only: with no cloud_public_key, trust unsigned acks (anyone on the broker can forge them)
+    insecure_unsigned_acks: bool = False
     keepalive: Duration = Field(default=30.0, ge=5)
+    # MQTT version: auto tries 5 (inbound packets capped by Maximum Packet Size) and falls back to 3.1.1
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    # client id: <tenant>/<store>/<device>/<random suffix kept in the state folder>; `short`
+    # hashes it to 23 characters of [0-9a-z] for brokers that enforce MQTT 3.1.1's limit
+    client_id: Literal["full", "short"] = "full"
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, v: object) -> object:
+        return str(v) if type(v) in (int, float) else v  # YAML reads an unquoted 5 as a number
 
     @field_validator("broker")
     @classmethod
@@ -160,15 +179,35 @@ class Uplink(Model):
 
     @field_validator("cloud_public_key")
     @classmethod
-    def _hex32(cls, v: str | None) -> str | None:
+    def _hex32(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and v.startswith(KEY_PLACEHOLDER) and (info.context or {}).get("placeholders"):
+            return None  # `edge install`: the operator still has to set it (load_config(trust=False))
         if v is not None:
             try:
                 ok = len(bytes.fromhex(v)) == 32
             except ValueError:
                 ok = False
             if not ok:
-                raise ValueError("expected 64 hex characters (a raw Ed25519 public key)")
+                raise ValueError(f"expected 64 hex characters (a raw Ed25519 public key); {MAKE_CLOUD_KEY}")
         return v
+
+    def trust_problems(self) -> list[tuple[str, str]]:
+        """(dotted key, message) for each way this uplink would trust what it must not.
+
+        `load_config` reports them (so `edge check-config` and `edge run` refuse the file with exit
+        2) and the uplink refuses to start with any (for configs built in code).
+        """
+        if not self.enabled:
+            return []
+        out: list[tuple[str, str]] = []
+        if self.cloud_public_key is None and not self.insecure_unsigned_acks:
+            out.append(("uplink.cloud_public_key", "is required while the uplink is enabled: only acks "
+                        f"signed by the cloud delete buffered data; {MAKE_CLOUD_KEY} (for a lab without "
+                        "one: uplink.insecure_unsigned_acks: true)"))
+        if self.broker == "auto" and self.tls.ca_file is None:
+            out.append(("uplink.tls.ca_file", "is required with broker: auto: a discovered broker's "
+                        "certificate must come from the store's own CA, never the system CA store"))
+        return out
 
 
 class Drivers(Model):

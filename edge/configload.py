@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
@@ -52,16 +53,29 @@ class _Unusable(Exception):
     """The file cannot be read or parsed at all: one problem, no validation."""
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, parse and validate `path`; raise ConfigError listing every problem found."""
-    cfg = load_model(path, Config)
+def load_config(path: str | Path, *, trust: bool = True) -> Config:
+    """Read, parse and validate `path`; raise ConfigError listing every problem found.
+
+    `trust=False` (for `edge install`, `keys`, `status`, `export`: they read paths, never talk to
+    the broker) accepts the shipped cloud key placeholder as unset and skips the uplink trust
+    rules. `edge run` and `edge check-config` always load with `trust=True`.
+    """
+    cfg = load_model(path, Config, context={"placeholders": not trust}, checks=_trust if trust else None)
     return _resolve_paths(cfg, Path(os.path.abspath(str(path))).parent)
 
 
-def load_model(path: str | Path, model: type[M], *, needs: str = _NEEDS) -> M:
+Checks = Callable[[Any, str, yaml.Node], list[tuple[int, str]]]
+
+
+def load_model(
+    path: str | Path, model: type[M], *, needs: str = _NEEDS, context: dict[str, Any] | None = None,
+    checks: Checks | None = None,
+) -> M:
     """Read, parse and validate `path` as `model` (any pydantic model: the device config, the
     receiver's); ConfigError listing every problem as file:line: key: value, what is expected.
-    Paths are returned as written (the caller resolves them). `needs` says what the file holds."""
+    Paths are returned as written (the caller resolves them). `needs` says what the file holds;
+    `context` goes to the model's validators; `checks(model, file, yaml root)` adds problems of a
+    valid model (each as (line, text))."""
     where = str(path)
     try:
         node, data = _parse(where, needs)
@@ -69,9 +83,11 @@ def load_model(path: str | Path, model: type[M], *, needs: str = _NEEDS) -> M:
         raise ConfigError(where, [str(exc)]) from None
     problems = _duplicates(node, (), where)
     try:
-        cfg = model.model_validate(data)
+        cfg = model.model_validate(data, context=context)
     except ValidationError as exc:
         problems += [_describe(err, where, node, data, model) for err in exc.errors(include_url=False)]
+    else:
+        problems += checks(cfg, where, node) if checks is not None else []
     if problems:
         raise ConfigError(where, [text for _, text in sorted(problems, key=lambda p: p[0])])
     return cfg
@@ -134,6 +150,15 @@ def _duplicates(node: yaml.Node, loc: Loc, where: str) -> list[Problem]:
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out += _duplicates(item, (*loc, i), where)
+    return out
+
+
+def _trust(cfg: Config, where: str, root: yaml.Node) -> list[Problem]:
+    """The uplink's trust rules (edge.config.Uplink.trust_problems), each at its key's line."""
+    out: list[Problem] = []
+    for key, msg in cfg.uplink.trust_problems():
+        line = _locate(root, tuple(key.split(".")))
+        out.append((line, f"{where}:{line}: {key}: {msg}"))
     return out
 
 
@@ -351,7 +376,7 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"uplink     {u.broker} (prefix {u.prefix})" if u.enabled else "uplink     disabled",
         f"{pad}TLS: off" if u.broker.startswith("mqtt://") else f"{pad}TLS: {tls}",
         f"{pad}window {u.window} batches, ack timeout {format_duration(u.ack_timeout)}, "
-        f"acks {'signed' if u.cloud_public_key else 'unsigned (no cloud_public_key)'}",
+        f"acks {'signed by the cloud key' if u.cloud_public_key else 'UNSIGNED (insecure_unsigned_acks: lab only)'}",
         *[("drivers    " if n == 0 else pad) + line for n, line in enumerate(drivers or ["none enabled"])],
         f"privacy    {', '.join(classes[:3])}",
         f"{pad}{', '.join(classes[3:])}",
@@ -378,6 +403,17 @@ def _on(backend: str, device: str | None, rate: float) -> str:
     return f"simulated, {rate:g} readings/s" if backend == "sim" else f"{backend} on {device}"
 
 
+def file_problems(cfg: Config, path: str | Path) -> list[str]:
+    """Problems with files the config names that `edge run` would only meet at run time."""
+    from edge.privacy.consent import consent_file_problem
+
+    out = []
+    consent = cfg.privacy.consent_file
+    if consent is not None and (why := consent_file_problem(consent)) is not None:
+        out.append(f"{path}: privacy.consent_file: {consent} {why}; until fixed nobody counts as consented")
+    return out
+
+
 def check_config_main(path: str) -> int:
     """`edge check-config PATH`: summary and 0, or one line per problem on stderr and 2.
 
@@ -388,7 +424,7 @@ def check_config_main(path: str) -> int:
 
     try:
         cfg = load_config(path)
-        problems = startup_problems(cfg, path)
+        problems = startup_problems(cfg, path) + file_problems(cfg, path)
         text = summarize(cfg, path)
     except ConfigError as exc:
         problems = exc.problems

@@ -9,6 +9,7 @@ endpoint and the zeroconf announcement are components after the uplink.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import structlog
@@ -64,10 +65,14 @@ async def run_daemon(
         await link.close()
 
 
+PRIVATE_UMASK = 0o077  # buffer.db (+ -wal, -shm), runtime.json, keys: owner only, whoever started us
+
+
 def run_main(config_path: str) -> int:
     """`edge run`: 0 after a clean stop, 1 when a component fails to start, 2 for a config
     problem (the same checks as `edge check-config`) or a state folder another daemon holds."""
     no_core = disable_core_dumps()  # first: memory will hold raw identifiers (edge/coredump.py)
+    os.umask(PRIVATE_UMASK)  # systemd sets UMask=0077; a shell's 022 would leave the buffer world-readable
     cfg = load_config(config_path)
     if state_problems := state_dir_problems(cfg, config_path):  # the lock lives in the state folder
         raise ConfigError(config_path, state_problems)

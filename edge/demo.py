@@ -31,6 +31,7 @@ from edge.buffer.stats import count_events, read_stats
 from edge.clock import Clock, SystemClock
 from edge.config import Config
 from edge.coredump import disable_core_dumps
+from edge.daemon import PRIVATE_UMASK
 from edge.events import IdentClass
 from edge.leakscan import Needle, needles_for, scan
 from edge.logs import configure_logging
@@ -64,14 +65,14 @@ DEMO_NFC_RULES = [
 ]
 
 
-def _device_config(root: Path, broker: str, cloud_pub: str, rate: float) -> Config:
+def _device_config(root: Path, broker: str, cloud_pub: str, rate: float, protocol: str = "auto") -> Config:
     sim = {"rate": rate, "seed": 42}
     return Config.model_validate({
         "identity": {"tenant": TENANT, "store": STORE, "device": DEVICE},
         "paths": {"state_dir": str(root / "device"), "keys_dir": str(root / "device" / "keys")},
         "buffer": {"commit_interval": "20ms"},
         "uplink": {
-            "broker": broker, "cloud_public_key": cloud_pub, "window": 8,
+            "broker": broker, "cloud_public_key": cloud_pub, "window": 8, "protocol": protocol,
             "batch": {"max_events": 500, "linger": "100ms"}, "ack_timeout": "5s",
             "reconnect": {"initial": "200ms", "max": "5s"},
         },
@@ -117,7 +118,8 @@ async def run_demo(
                 from edge.uplink.broker import EmbeddedBroker
 
                 url = (await stack.enter_async_context(EmbeddedBroker())).url
-            cfg = _device_config(root, url, cloud_pub, rate)
+            # the embedded amqtt speaks 3.1.1 only (an MQTT 5 CONNECT with properties hangs it)
+            cfg = _device_config(root, url, cloud_pub, rate, "auto" if broker else "3.1.1")
             keys = KeyStore(cfg.paths.keys_dir, clock)
             if not keys.exists():
                 keys.init()
@@ -245,6 +247,7 @@ def _count_received(out: Path, *, first: int = 1, last: int | None = None) -> di
 def demo_main(*, duration: float, broker: str | None, summary: str | None, rate: float | None,
               state: str | None) -> int:
     disable_core_dumps()  # the demo's daemon runs in this process (edge/coredump.py)
+    os.umask(PRIVATE_UMASK)  # as `edge run`: every file of the demo's state folder is 0600
     root = Path(state) if state else Path(tempfile.mkdtemp(prefix="edge-demo-"))
     print(f"store-edge demo: state in {root}; {duration:g}s of a simulated store", file=sys.stderr)
     try:

@@ -315,9 +315,16 @@ class EdgeCollector(Collector):
         yield CounterMetricFamily("edge_uplink_events_acked", "events in batches acknowledged by the cloud",
                                   value=float(up.get("events_acked") or 0))
         refused = CounterMetricFamily("edge_uplink_acks_refused", "acks that deleted nothing", labels=["reason"])
-        for reason in ("forged", "unknown", "malformed"):
+        for reason in ("forged", "unsigned", "unknown", "malformed"):
             refused.add_metric([reason], float(up.get(f"acks_{reason}") or 0))
         yield refused
+        rejections = CounterMetricFamily("edge_uplink_rejections", "signed rejections by the cloud, by reason",
+                                         labels=["reason"])
+        for reason, n in sorted((up.get("rejections") or {}).items()):
+            rejections.add_metric([reason], float(n))
+        yield rejections
+        yield GaugeMetricFamily("edge_uplink_unsigned_acks_trusted", "1 when acks are not verified (lab only)",
+                                value=float(bool(up.get("unsigned_acks_trusted"))))
         yield CounterMetricFamily("edge_uplink_connects", "successful broker connections",
                                   value=float(up.get("connects") or 0))
         yield GaugeMetricFamily("edge_uplink_ack_alarm", "1 while sealed batches wait longer than "

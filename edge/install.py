@@ -75,6 +75,7 @@ class InstallOptions:
     identity: tuple[str, str, str] | None = None  # tenant, store, device for the template
     keep_config: bool = False  # keep an existing config even when its identity differs
     tenant_key: Path | None = None
+    cloud_public_key: str | None = None  # 64 hex, set into a config made from the template
     python: str = sys.executable
 
 
@@ -89,8 +90,19 @@ def default_source() -> Path:
     )
 
 
-def render_config(template: str, tenant: str, store: str, device: str) -> str:
-    """`template` (config/store.yaml) with its identity block set to the given ids, comments kept."""
+def render_config(template: str, tenant: str, store: str, device: str, cloud_public_key: str | None = None) -> str:
+    """`template` (config/store.yaml) with its identity block set to the given ids (and the cloud
+    key placeholder replaced by `cloud_public_key` when given), comments kept."""
+    if cloud_public_key is not None:
+        try:
+            ok = len(bytes.fromhex(cloud_public_key)) == 32
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InstallError("--cloud-public-key is not 64 hex characters",
+                               hint="edge-cloud keys create --out FILE prints the public key")
+        template = re.sub(r"^(\s+cloud_public_key:\s*)SET-ME\S*", lambda m: m[1] + cloud_public_key,
+                          template, count=1, flags=re.M)
     want = {"tenant": tenant, "store": store, "device": device}
     for key, value in want.items():
         if not _ID.match(value):
@@ -290,7 +302,7 @@ class Installer:
             self.write(conf, opts.config.read_bytes(), 0o640)
         elif opts.identity is not None:  # install() checked that one of the three is there
             template = (opts.source / "config" / "store.yaml").read_text()
-            self.write(conf, render_config(template, *opts.identity).encode(), 0o640)
+            self.write(conf, render_config(template, *opts.identity, opts.cloud_public_key).encode(), 0o640)
             self.notes.append(f"review {CONFIG}: drivers (POS ports), uplink broker and TLS files")
         self.chown(conf, ids, group_only=True)
 
@@ -305,7 +317,12 @@ class Installer:
             return
         state.mkdir(parents=True, exist_ok=True)
         state.chmod(0o750)
-        cfg = load_config(self.at(CONFIG))
+        cfg = load_config(self.at(CONFIG), trust=False)
+        if cfg.uplink.trust_problems():
+            self.startable = False
+            self.notes.append(f"set uplink.cloud_public_key in {CONFIG} (the cloud's public key: `edge-cloud keys "
+                              "create --out FILE` prints it), or pass --cloud-public-key HEX; the service is not "
+                              "started until then")
         keys = KeyStore(self.within(cfg.paths.keys_dir), SystemClock())
         if not keys.exists():
             keys.init()
@@ -398,6 +415,7 @@ def install_main(args: object) -> int:
         config=Path(a["config"]) if a.get("config") else None,
         identity=ident,
         tenant_key=Path(a["tenant_key"]) if a.get("tenant_key") else None,
+        cloud_public_key=a.get("cloud_public_key"),
         python=a.get("python") or sys.executable,
         keep_config=bool(a.get("keep_config")),
     )

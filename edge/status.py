@@ -20,7 +20,7 @@ from edge.web.access import read_token, token_path
 
 
 def collect_status(config_path: str) -> dict[str, Any]:
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, trust=False)  # reading the buffer needs no trust
     doc: dict[str, Any] = {"device": cfg.identity.device, "buffer": None, "runtime": None}
     # measured here, so it shows even when the daemon is not running
     doc["clock"] = {"synchronized": kernel_clock_synchronized(), "wall_ms": int(time.time() * 1000)}
@@ -88,6 +88,8 @@ def _render(doc: dict[str, Any]) -> str:
         for name, c in (rt.get("components") or {}).items():
             where = c.get("listen") or c.get("service") or c.get("broker")
             lines.append(f"{name:<11} {c.get('state', '?')}" + (f" ({where})" if where else ""))
+            if name == "uplink":
+                lines += _uplink_lines(c)
     else:
         lines.append("daemon      not running (no runtime status)")
     if doc.get("page"):
@@ -127,13 +129,32 @@ def _page_line(page: dict[str, Any]) -> str:
     return f"page        {page['url']} token in {page.get('token_file')} (not readable, or not made yet)"
 
 
+def _uplink_lines(c: dict[str, Any]) -> list[str]:
+    """Trust and rejections of the uplink: what an operator must see without asking."""
+    pad = " " * 12
+    out = []
+    if c.get("unsigned_acks_trusted"):
+        out.append(f"{pad}WARNING: acks are NOT verified (uplink.insecure_unsigned_acks, no cloud_public_key): "
+                   "anyone on the broker can make this box delete its data")
+    rejections = c.get("rejections") or {}
+    if rejections:
+        shown = ", ".join(f"{reason} {n}" for reason, n in sorted(rejections.items()))
+        out.append(f"{pad}rejected by the cloud: {shown} (chain-broken quarantined, others resent later; "
+                   f"{c.get('waiting_to_resend', 0)} waiting)")
+    ignored = {"unsigned": c.get("acks_unsigned", 0), "bad signature": c.get("acks_forged", 0),
+               "malformed": c.get("acks_malformed", 0)}
+    if any(ignored.values()):
+        out.append(f"{pad}acks ignored: " + ", ".join(f"{k} {n}" for k, n in ignored.items() if n))
+    return out
+
+
 def export_main(config_path: str, out: str) -> int:
     """Write every buffered event as JSON lines to `out` (e.g. a USB stick), fsynced.
 
     Written to `<out>.partial` first and renamed when complete, so a stick pulled early
     never holds a file that looks whole. On a TTY, a progress bar against the total.
     """
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, trust=False)  # a rescue export must work before the cloud key is set
     out_path = Path(out)
     if (problem := out_problem(out_path)) is not None:
         print(f"edge: export --out {out}: {problem}", file=sys.stderr)

@@ -17,6 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
+from support.cloudkey import CLOUD_PUBLIC_HEX
 
 from edge.config import Config
 from edge.configload import check_config_main, load_config, summarize
@@ -27,14 +28,27 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 NOT_DEVICE_CONFIGS = {"receiver.yaml"}  # `edge receive`'s config, validated by its own tests
 SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name not in NOT_DEVICE_CONFIGS)
 IDENTITY = "identity:\n  tenant: demo\n  store: store-001\n  device: edge-1\n"  # lines 1-4
+PLACEHOLDER = "cloud_public_key: SET-ME-run-edge-cloud-keys-create"  # what config/store.yaml ships
 FUZZ = settings(derandomize=True, max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> str:
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml", *, trusted: bool = True) -> str:
+    """The config `text`; `trusted` gives a device config without an uplink section of its own
+    the test cloud key, as a last line (so the line numbers the tests check stay put)."""
+    text = textwrap.dedent(text)
+    if trusted and re.search(r"^identity:", text, re.M) and not re.search(r"^uplink:", text, re.M):
+        text += f"uplink: {{cloud_public_key: {CLOUD_PUBLIC_HEX}}}\n"
     path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
+    path.write_text(text)
     return str(path)
+
+
+def store_yaml_with_a_cloud_key() -> str:
+    """config/store.yaml as an operator has it once the cloud key is set."""
+    text = (CONFIG_DIR / "store.yaml").read_text()
+    assert PLACEHOLDER in text
+    return text.replace(PLACEHOLDER, f"cloud_public_key: {CLOUD_PUBLIC_HEX}")
 
 
 def problems_of(path: str) -> list[str]:
@@ -60,12 +74,29 @@ def test_config_dir_has_the_demo_and_store_files() -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path: Path) -> None:
-    """Each config/*.yaml loads, and documents how relative paths are resolved."""
+def test_every_shipped_config_validates(path: Path, tmp_path: Path) -> None:
+    """Each config/*.yaml loads (store.yaml once its cloud key is set), and documents how relative
+    paths are resolved."""
+    if path.name == "store.yaml":
+        copy = tmp_path / "store.yaml"
+        copy.write_text(store_yaml_with_a_cloud_key())
+        path = copy
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     header = path.read_text().split("\n\n", 1)[0]
     assert "resolved relative to the directory of this file" in header.replace("\n# ", " ")
+
+
+def test_store_yaml_ships_a_placeholder_cloud_key_that_check_config_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    """config/store.yaml carries no real-looking key: check-config exits 2 with one problem at the
+    key's line naming uplink.cloud_public_key and the command that makes a key pair."""
+    path = str(CONFIG_DIR / "store.yaml")
+    assert check_config_main(path) == 2
+    err = capsys.readouterr().err.splitlines()
+    line = next(n for n, ln in enumerate(Path(path).read_text().splitlines(), 1) if PLACEHOLDER in ln)
+    assert err[0].startswith(f"{path}:{line}: uplink.cloud_public_key: ")
+    assert "edge-cloud keys create --out FILE" in err[0]
+    assert err[1:] == [f"1 problem(s) in {path}"]
 
 
 def test_demo_config_is_simulated_and_rootless() -> None:
@@ -83,9 +114,9 @@ def test_demo_config_is_simulated_and_rootless() -> None:
     assert cfg.logging.format == "auto"
 
 
-def test_store_config_uses_real_backends_and_signed_tls_uplink() -> None:
+def test_store_config_uses_real_backends_and_signed_tls_uplink(tmp_path: Path) -> None:
     """store.yaml: bleak, nfcpy, two serial tills by-id, mqtts with client cert, signed acks."""
-    cfg = load_config(CONFIG_DIR / "store.yaml")
+    cfg = load_config(write(tmp_path, store_yaml_with_a_cloud_key(), "store.yaml"))
     ident = cfg.identity
     assert (ident.tenant, ident.store, ident.device) == ("acme", "berlin-mitte-042", "edge-01")
     assert (cfg.drivers.ble.backend, cfg.drivers.ble.adapter) == ("bleak", "hci0")
@@ -96,8 +127,9 @@ def test_store_config_uses_real_backends_and_signed_tls_uplink() -> None:
     assert cfg.uplink.tls.ca_file == Path("/etc/store-edge/tls/ca.pem")
     assert cfg.uplink.tls.cert_file is not None
     assert str(cfg.uplink.tls.cert_file).startswith("/etc/store-edge/tls/")
-    assert cfg.uplink.cloud_public_key is not None
-    assert len(cfg.uplink.cloud_public_key) == 64
+    assert cfg.uplink.cloud_public_key == CLOUD_PUBLIC_HEX
+    assert cfg.uplink.insecure_unsigned_acks is False
+    assert cfg.uplink.discovery.allow_plain is False
     assert (cfg.privacy.classes["loyalty_id"].policy, cfg.privacy.classes["loyalty_id"].fallback) == (
         "stable", "ephemeral")
     assert cfg.privacy.consent_file is not None
@@ -346,6 +378,7 @@ def test_relative_paths_resolve_against_the_config_directory(
         privacy:
           consent_file: consent.txt
         uplink:
+          insecure_unsigned_acks: true
           tls:
             ca_file: tls/ca.pem
             cert_file: /abs/cert.pem
@@ -377,8 +410,10 @@ def test_loaded_config_is_immutable(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_summary_fits_one_screen(path: Path) -> None:
+def test_summary_fits_one_screen(path: Path, tmp_path: Path) -> None:
     """The check-config summary of each shipped file is at most 25 lines and names the essentials."""
+    if path.name == "store.yaml":
+        path = Path(write(tmp_path, store_yaml_with_a_cloud_key(), "store.yaml"))
     cfg = load_config(path)
     text = summarize(cfg, path)
     assert len(text.splitlines()) <= 25
@@ -494,7 +529,7 @@ def _paths(data: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-_STORE = yaml.safe_load((CONFIG_DIR / "store.yaml").read_text())
+_STORE = yaml.safe_load(store_yaml_with_a_cloud_key())
 _STORE_PATHS = _paths(_STORE)
 
 

@@ -48,10 +48,12 @@ async def main():
     announcer = AsyncZeroconf(interfaces=["127.0.0.1"])
     plain, secure = service("_mqtt", "plainbroker", 18830), service("_secure-mqtt", "tlsbroker", 18883)
     await (await announcer.async_register_service(plain))
-    out["plain_only"] = await attempt(["lo"], 5)
+    out["plain_refused"] = await attempt(["lo"], 1)
+    out["plain_only"] = await attempt(["lo"], 5, allow_plain=True)
     await (await announcer.async_register_service(secure))
-    out["both"] = await attempt(["127.0.0.1"], 5)
-    out["both_plain_first"] = await attempt([], 5, secure_first=False)
+    out["both"] = await attempt(["127.0.0.1"], 5, allow_plain=True)
+    out["secure_default"] = await attempt(["lo"], 5)
+    out["both_plain_first"] = await attempt([], 5, secure_first=False, allow_plain=True)
     await announcer.async_unregister_all_services()
     await announcer.async_close()
     print(json.dumps(out))
@@ -77,8 +79,21 @@ def discovered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
     return results
 
 
+def test_a_plain_advert_is_ignored_unless_allow_plain(discovered: dict[str, dict[str, Any]]) -> None:
+    """Only _mqtt._tcp announced and allow_plain off (the default): no broker is found (a rogue
+    plain broker on the LAN is never used), and the message says why."""
+    refused = discovered["plain_refused"]
+    assert refused["error"] == "BrokerNotFoundError"
+    assert "allow_plain" in refused["message"]
+
+
+def test_by_default_only_the_secure_advert_is_taken(discovered: dict[str, dict[str, Any]]) -> None:
+    """Both announced, defaults: mqtts://<announced host name>:<port>."""
+    assert discovered["secure_default"]["url"] == "mqtts://tlsbroker.local:18883"
+
+
 def test_plain_broker_is_found_by_address(discovered: dict[str, dict[str, Any]]) -> None:
-    """Only _mqtt._tcp announced: mqtt://<IPv4>:<port>, after the preference grace, not the timeout."""
+    """Only _mqtt._tcp announced, allow_plain: mqtt://<IPv4>:<port>, after the preference grace, not the timeout."""
     assert discovered["plain_only"]["url"] == "mqtt://127.0.0.1:18830"
     assert discovered["plain_only"]["seconds"] < 3
 
@@ -99,7 +114,7 @@ def test_plain_broker_wins_when_secure_is_not_preferred(discovered: dict[str, di
 def test_nothing_announced_raises_broker_not_found_after_the_timeout(
     discovered: dict[str, dict[str, Any]],
 ) -> None:
-    """No announcement: BrokerNotFoundError (a TimeoutError) after ~timeout, naming both service types."""
+    """No announcement: BrokerNotFoundError (a TimeoutError) after ~timeout, naming the service type(s)."""
     nothing = discovered["nothing"]
     assert nothing["error"] == "BrokerNotFoundError"
     assert nothing["timeout_error"]

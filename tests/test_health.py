@@ -25,6 +25,7 @@ from typing import Any, cast
 import aiomqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.cloudkey import CLOUD_KEY, signed_uplink
 from support.mosquitto import Mosquitto
 
 from drivers.base import Backoff, Driver
@@ -225,7 +226,7 @@ async def test_backend_restarts_and_a_degraded_driver_show_in_metrics(tmp_path: 
 async def test_uplink_state_and_last_ack_age_with_a_cloud_that_acks(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """Uplink to a real mosquitto; a fake cloud acks each batch: state online, acked batches and
     events counted, last-ack age known and small."""
-    cfg = make_cfg(tmp_path, uplink={"broker": mosquitto.url, "batch": {"linger": "50ms", "max_events": 200}})
+    cfg = make_cfg(tmp_path, uplink=signed_uplink(broker=mosquitto.url, batch={"linger": "50ms", "max_events": 200}))
     liveness = Liveness(SystemClock(), cfg.health.stall_timeout)
     async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="cloud-h") as cloud:
         await cloud.subscribe("edge/v1/acme/s001/edge-h/batch", qos=1)
@@ -233,7 +234,8 @@ async def test_uplink_state_and_last_ack_age_with_a_cloud_that_acks(tmp_path: Pa
         async def ack_all() -> None:
             async for msg in cloud.messages:
                 b = parse_batch(bytes(msg.payload) if isinstance(msg.payload, bytes | bytearray) else b"")
-                ack = make_ack(tenant="acme", store="s001", device="edge-h", seq=b.seq, hh=b.hh, ok=True)
+                ack = make_ack(tenant="acme", store="s001", device="edge-h", seq=b.seq, hh=b.hh, ok=True,
+                               key=CLOUD_KEY)
                 await cloud.publish("edge/v1/acme/s001/edge-h/ack", ack, qos=1)
 
         acker = asyncio.create_task(ack_all())

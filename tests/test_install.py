@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.cloudkey import CLOUD_PUBLIC_HEX
 
 from edge.configload import load_config
 from edge.install import InstallError, render_config
@@ -72,7 +73,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> tuple[Pa
     before = {p: os.path.lexists(p) for p in LIVE}
     root = tmp_path_factory.mktemp("root")
     res = edge("install", "--systemd", "--root", str(root), "--from", str(wheel), "--no-deps",
-               "--tenant", "acme", "--store", "s042", "--device", "edge-07")
+               "--tenant", "acme", "--store", "s042", "--device", "edge-07", "--cloud-public-key", CLOUD_PUBLIC_HEX)
     assert res.returncode == 0, res.stderr + res.stdout
     assert {p: os.path.lexists(p) for p in LIVE} == before, "install --root touched the real system"
     return root, res.stdout
@@ -201,6 +202,18 @@ def test_install_needs_an_identity_or_a_config(tmp_path: Path, wheel: Path) -> N
     res = edge("install", "--systemd", "--root", str(tmp_path / "r"), "--from", str(wheel), "--no-deps")
     assert res.returncode == 1
     assert "--tenant" in res.stderr
+
+
+def test_the_template_keeps_its_cloud_key_placeholder_unless_a_key_is_given() -> None:
+    """Without --cloud-public-key the installed config still has the placeholder (check-config
+    refuses it, the service is not started); with it, the key replaces the placeholder."""
+    template = (ROOT / "config/store.yaml").read_text()
+    assert "cloud_public_key: SET-ME" in render_config(template, "acme", "s042", "edge-07")
+    rendered = render_config(template, "acme", "s042", "edge-07", CLOUD_PUBLIC_HEX)
+    assert f"cloud_public_key: {CLOUD_PUBLIC_HEX}" in rendered
+    assert "SET-ME" not in rendered
+    with pytest.raises(InstallError, match="64 hex"):
+        render_config(template, "acme", "s042", "edge-07", "abc")
 
 
 def test_the_identity_must_be_valid_ids() -> None:

@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.cloudkey import signed_uplink
 from support.mosquitto import Mosquitto
 
 from edge.clock import SystemClock
@@ -291,32 +292,21 @@ def test_a_failed_start_never_says_ready(tmp_path: Path, systemd: FakeSystemd, d
 
 
 def test_a_wedged_event_loop_misses_its_pings(tmp_path: Path, systemd: FakeSystemd, daemons: list[Daemon]) -> None:
-    """The consent file becomes a FIFO nobody writes: the daemon's loop blocks opening it, and no
-    WATCHDOG=1 arrives although the process is alive; once unblocked, pings resume."""
-    consent = tmp_path / "consent.txt"
-    consent.write_text("# nobody\n")
-    config = make_config(
-        tmp_path,
-        privacy={"consent_file": str(consent), "classes": {"ble_address": {"policy": "stable"}}},
-    )
-    KeyStore(tmp_path / "state" / "keys", SystemClock()).provision_tenant_key(os.urandom(32))
+    """The daemon is frozen (SIGSTOP: its loop makes no progress, the process still exists): no
+    WATCHDOG=1 arrives; once it runs again (SIGCONT), pings resume. (This used to wedge the loop
+    with a FIFO as consent file; opening that no longer blocks: edge/privacy/consent.py.)"""
+    config = make_config(tmp_path)
     d = start(config, systemd, daemons)
     ready = systemd.wait_for(lambda m: m.has("READY", "1"), 60)
     systemd.wait_for(lambda m: m.has("WATCHDOG", "1") and m.at > ready.at, 10)
 
-    fifo = tmp_path / "consent.fifo"
-    os.mkfifo(fifo)
-    os.link(fifo, tmp_path / "consent.next")
-    os.replace(tmp_path / "consent.next", consent)  # the daemon re-reads it within ~2 s: open() blocks
-    swapped = time.monotonic()
-    # the reload check runs every 2 s; then no ping for 6 intervals while the process lives on
-    assert systemd.silence(swapped, gap=6 * PING_S, timeout=20), "pings while the loop is wedged"
-    assert d.proc.poll() is None, "the daemon is alive, only its loop is stuck"
-
-    consent.unlink()
-    consent.write_text("# nobody\n")  # a regular file again, so the next check does not block
-    with fifo.open("wb"):  # the daemon's blocked open() returns once a writer opens the FIFO
-        pass
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        assert systemd.silence(stopped, gap=6 * PING_S, timeout=20), "pings while the loop is wedged"
+        assert d.proc.poll() is None, "the daemon is alive, only its loop is stuck"
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
     released = time.monotonic()
     systemd.wait_for(lambda m: m.has("WATCHDOG", "1") and m.at > released, 10)
     assert d.proc.poll() is None
@@ -361,7 +351,7 @@ def test_sigterm_says_stopping_and_exits_within_the_stop_timeout(
 ) -> None:
     """With the uplink online: STATUS reports it; SIGTERM -> STOPPING=1 and EXTEND_TIMEOUT_USEC
     >= drain_timeout at once, no WATCHDOG=1 after it, exit 0 within the unit's TimeoutStopSec."""
-    config = make_config(tmp_path, uplink={"broker": mosquitto.url, "batch": {"linger": "50ms"}})
+    config = make_config(tmp_path, uplink=signed_uplink(broker=mosquitto.url, batch={"linger": "50ms"}))
     d = start(config, systemd, daemons)
     systemd.wait_for(lambda m: m.has("READY", "1"), 60)
     systemd.wait_for(lambda m: "uplink online" in m.fields.get("STATUS", ""), 30)

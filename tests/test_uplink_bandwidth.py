@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from support.cloudkey import CLOUD_PUBLIC_HEX, write_cloud_key
 from support.mosquitto import Mosquitto
 from uplink_e2e import capture, check_chain, received_ids
 
 from cloud.config import ReceiverConfig
 from cloud.identity import register_key
-from cloud.keys import create_cloud_key
 from cloud.receiver import Receiver
 from edge.buffer import Buffer
 from edge.clock import SystemClock
@@ -40,7 +40,7 @@ def _config(state: Path, url: str) -> Config:
         "identity": {"tenant": "acme", "store": "s001", "device": "edge-bw"},
         "paths": {"state_dir": str(state), "keys_dir": str(state / "keys")},
         "uplink": {
-            "broker": url, "bandwidth": RATE, "window": 8, "ack_timeout": "60s",
+            "cloud_public_key": CLOUD_PUBLIC_HEX, "broker": url, "bandwidth": RATE, "window": 8, "ack_timeout": "60s",
             "batch": {"max_events": 40, "linger": "10ms", "compression": "none"},
         },
         "drivers": {"ble": {"enabled": False}, "nfc": {"enabled": False}},
@@ -65,10 +65,9 @@ async def test_bandwidth_cap_bounds_the_bytes_published_over_time(tmp_path: Path
 
     (tmp_path / "rkeys").mkdir()
     register_key(tmp_path / "rkeys", ("acme", "s001", "edge-bw"), keys.public_key().hex())
-    create_cloud_key(tmp_path / "cloud.key")  # acks are always signed; this device does not check them
     rcfg = ReceiverConfig(broker=mosquitto.url, client_id="bw-receiver", keys_dir=tmp_path / "rkeys",
                           db=tmp_path / "r.db", out=tmp_path / "events.jsonl",
-                          cloud_key=tmp_path / "cloud.key")  # fmt: skip
+                          cloud_key=write_cloud_key(tmp_path / "cloud.key"))  # fmt: skip
     receiver = Receiver(rcfg)
     rstop = asyncio.Event()
     rtask = asyncio.create_task(receiver.run(rstop))

@@ -19,6 +19,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from structlog.testing import capture_logs
+from support.cloudkey import CLOUD_PUBLIC_HEX
 from support.mosquitto import Mosquitto
 
 from edge.clock import SystemClock
@@ -31,21 +32,22 @@ from edge.uplink.service import Uplink, uplink_component
 STATUS = "edge/v1/acme/s001/edge-stop/status"
 
 
-def _config(state: Path, url: str) -> Config:
+def _config(state: Path, url: str, protocol: str) -> Config:
     return Config.model_validate({
         "identity": {"tenant": "acme", "store": "s001", "device": "edge-stop"},
         "paths": {"state_dir": str(state), "keys_dir": str(state / "keys")},
         "buffer": {"commit_interval": "20ms"},
-        "uplink": {"broker": url, "batch": {"linger": "50ms"}, "reconnect": {"initial": "100ms", "max": "200ms"}},
+        "uplink": {"cloud_public_key": CLOUD_PUBLIC_HEX, "broker": url, "protocol": protocol,
+                   "batch": {"linger": "50ms"}, "reconnect": {"initial": "100ms", "max": "200ms"}},
         "health": {"drain_timeout": "20s"},
     })  # fmt: skip
 
 
 @asynccontextmanager
-async def _running(tmp_path: Path, url: str) -> AsyncIterator[Uplink]:
+async def _running(tmp_path: Path, url: str, protocol: str = "auto") -> AsyncIterator[Uplink]:
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    cfg = _config(state, url)
+    cfg = _config(state, url, protocol)
     clock = SystemClock()
     KeyStore(cfg.paths.keys_dir, clock).init(force=True)
     sup = Supervisor(cfg, clock, drivers=lambda c, k: [], components=[uplink_component])
@@ -77,9 +79,9 @@ async def _status(host: str, port: int) -> dict[str, Any]:
     raise AssertionError("no retained status")
 
 
-async def _stop_cleanly_after_going_online(tmp_path: Path, url: str) -> None:
+async def _stop_cleanly_after_going_online(tmp_path: Path, url: str, protocol: str = "auto") -> None:
     with capture_logs() as logs:
-        async with _running(tmp_path, url) as up:
+        async with _running(tmp_path, url, protocol) as up:
             for _ in range(200):
                 if up.state == "online":
                     break
@@ -104,7 +106,7 @@ async def test_clean_stop_with_the_embedded_broker_is_not_forced(tmp_path: Path)
     """The demo's embedded amqtt broker, where the hang was first seen: five clean stops."""
     async with EmbeddedBroker() as broker:
         for _ in range(5):
-            await _stop_cleanly_after_going_online(tmp_path, broker.url)
+            await _stop_cleanly_after_going_online(tmp_path, broker.url, "3.1.1")  # amqtt: no MQTT 5
             assert (await _status(broker.host, broker.port))["state"] == "offline"
 
 

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.certs import CertPaths
+from support.cloudkey import CLOUD_PUBLIC_HEX
 from support.mosquitto import Mosquitto
 from uplink_e2e import EDGE, ROOT, capture, check_chain, eventually, received_ids
 
@@ -148,7 +149,7 @@ def test_refused_client_certificates_are_named_in_the_daemon_log(
             state.mkdir()
             KeyStore(state / "keys", SystemClock()).init()
             cfg = tmp_path / f"{name}.yaml"
-            cfg.write_text(yaml.safe_dump(_doc(state, mosquitto_tls.tls_url, tls)))
+            cfg.write_text(yaml.safe_dump(_doc(state, mosquitto_tls.tls_url, tls, CLOUD_PUBLIC_HEX)))
             log = tmp_path / f"{name}.log"
             with log.open("wb") as out:
                 proc = subprocess.Popen([EDGE, "run", "--config", str(cfg)], cwd=ROOT, stdout=out,

@@ -5,7 +5,9 @@
 
 Not for production (use Mosquitto or a cloud broker). What amqtt 0.12.1 does and does not do,
 measured against aiomqtt clients:
-- MQTT 3.1.1 only: an MQTT 5 CONNECT is refused (CONNACK 132, unsupported protocol version).
+- MQTT 3.1.1 only: an MQTT 5 CONNECT is refused (CONNACK 132, unsupported protocol version), but
+  one carrying properties (e.g. Maximum Packet Size) is misparsed and the connect times out: a
+  device uplink to it uses `uplink.protocol: "3.1.1"`.
 - QoS 0/1/2 and retained messages work; many QoS 1 messages in flight are fine.
 - Shared subscriptions (`$share/group/filter`) are NOT supported: the SUBACK grants them, but the
   filter is taken literally, so such a subscriber receives nothing. Use plain subscriptions here.

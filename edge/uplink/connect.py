@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.properties import Properties
 
 from edge.config import Tls, Uplink
 from edge.errors import EdgeError, KeyError_
@@ -134,6 +135,8 @@ class ConnectParams:
         clean_session: bool | None = None,
         max_inflight_messages: int | None = None,
         protocol: aiomqtt.ProtocolVersion | None = None,
+        properties: Properties | None = None,
+        max_queued_incoming_messages: int | None = None,
     ) -> aiomqtt.Client:
         """A new (not yet connected) aiomqtt client; enter it with `async with`."""
         return aiomqtt.Client(
@@ -143,7 +146,9 @@ class ConnectParams:
             will=will,
             clean_session=clean_session,
             max_inflight_messages=max_inflight_messages,
+            max_queued_incoming_messages=max_queued_incoming_messages,
             protocol=protocol,
+            properties=properties,
             tls_context=self.tls_context,
             keepalive=self.keepalive,
             timeout=self.timeout,
@@ -167,6 +172,13 @@ def connect_params(
             hint="call edge.uplink.discovery.discover_broker and pass its URL",
         )
     address = parse_broker_url(target)
+    if uplink.broker == "auto" and address.tls and uplink.tls.ca_file is None:
+        # a discovered broker is whoever answered on the LAN: its certificate must come from the
+        # store's own CA, and a public CA would vouch for any domain an attacker owns
+        raise KeyError_(
+            "broker: auto needs uplink.tls.ca_file (the system CA store is never trusted for a discovered broker)",
+            hint="set uplink.tls.ca_file to the CA that signed the store broker's certificate",
+        )
     configured = any(v is not None for v in (uplink.tls.ca_file, uplink.tls.cert_file, uplink.tls.key_file))
     note = f"uplink_tls_ignored {address.url}"
     if not address.tls and configured and (warned is None or note not in warned):

@@ -1,6 +1,12 @@
 """Find the store's MQTT broker by mDNS/DNS-SD (`uplink.broker: auto`).
 
-Browses `_secure-mqtt._tcp.local.` and `_mqtt._tcp.local.` with zeroconf and returns a URL:
+Anyone on the store's LAN can announce a broker, so only `_secure-mqtt._tcp.local.` adverts are
+accepted by default, and the uplink then trusts nothing but `uplink.tls.ca_file` (the store's own
+CA, never the system store: edge/uplink/connect.py) for the certificate of the name announced.
+`_mqtt._tcp.local.` (plain MQTT, where a rogue broker is as good as the real one) is browsed only
+with `allow_plain=True` (`uplink.discovery.allow_plain`, lab only).
+
+Browses with zeroconf and returns a URL:
 - `mqtts://<server name>:<port>` for a TLS broker: the announced host name (e.g. `broker.local`),
   not its address, because the broker's certificate is issued for a name and the TLS hostname check
   needs it. The device must resolve `.local` names (Raspberry Pi OS does, via avahi + nss-mdns).
@@ -87,8 +93,13 @@ async def discover_broker(
     timeout: float,  # noqa: ASYNC109  # discovery's own budget (uplink.discovery.timeout), part of its contract
     *,
     secure_first: bool = True,
+    allow_plain: bool = False,
 ) -> str:
-    """The URL of an MQTT broker announced on the local network; `BrokerNotFoundError` after `timeout`."""
+    """The URL of an MQTT broker announced on the local network; `BrokerNotFoundError` after `timeout`.
+
+    Only `_secure-mqtt._tcp` adverts count unless `allow_plain`.
+    """
+    services = [SECURE_SERVICE, PLAIN_SERVICE] if allow_plain else [SECURE_SERVICE]
     addresses = interface_addresses(interfaces)
     loop = asyncio.get_running_loop()
     announced: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -96,23 +107,24 @@ async def discover_broker(
     def on_change(
         zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        if state_change is not ServiceStateChange.Removed:
+        if state_change is not ServiceStateChange.Removed and service_type in services:
             loop.call_soon_threadsafe(announced.put_nowait, (service_type, name))
 
     azc = AsyncZeroconf(interfaces=addresses or InterfaceChoice.All, ip_version=IPVersion.V4Only)
     try:
-        browser = AsyncServiceBrowser(azc.zeroconf, [SECURE_SERVICE, PLAIN_SERVICE], handlers=[on_change])
+        browser = AsyncServiceBrowser(azc.zeroconf, services, handlers=[on_change])
         try:
-            found = await _choose(azc, announced, loop.time() + timeout, secure_first=secure_first)
+            found = await _choose(azc, announced, loop.time() + timeout, secure_first=secure_first or not allow_plain)
         finally:
             await browser.async_cancel()
     finally:
         await azc.async_close()
     where = ", ".join(interfaces) if interfaces else "all interfaces"
     if found is None:
+        kinds = " or ".join(services)
+        plain = "" if allow_plain else f" ({PLAIN_SERVICE} adverts are ignored without uplink.discovery.allow_plain)"
         raise BrokerNotFoundError(
-            f"no MQTT broker announced itself ({SECURE_SERVICE} or {PLAIN_SERVICE}) on {where} "
-            f"within {timeout:g} s",
+            f"no MQTT broker announced itself ({kinds}) on {where} within {timeout:g} s{plain}",
             hint="check the broker is announced (e.g. an avahi service file), multicast is allowed on "
             "this network, uplink.discovery.interfaces; or set uplink.broker to its URL",
         )

@@ -1,13 +1,22 @@
 """The uplink: sealed batches out over MQTT (QoS 1), acks in, nothing deleted without an ack.
 
-- Connects with client id = device id, a retained `online` status, `offline` as last will
-  and again on a clean stop (uplink-v1 status topic).
+- Connects with client id `<tenant>/<store>/<device>/<random suffix>` (edge/uplink/clientid.py),
+  a retained `online` status, `offline` as last will and again on a clean stop (uplink-v1).
+- MQTT 5 where the broker speaks it (`uplink.protocol: auto` falls back to 3.1.1 when refused):
+  CONNECT carries Maximum Packet Size `MAX_INBOUND_PACKET`, so the broker never sends us more than
+  a few KiB (an ack is under 200 bytes). Under 3.1.1 only the broker can enforce a limit
+  (Mosquitto `max_packet_size`, NATS `max_payload`: docs/security.md), so the edge enforces the
+  same cap itself (edge/uplink/inbound.py: a longer packet drops the connection unread), drops
+  anything above `MAX_ACK` before parsing and keeps at most `INBOUND_QUEUE` messages queued.
 - Keeps up to `uplink.window` batches in flight; a batch not acked within `ack_timeout`
   is published again (the stored bytes: byte-identical).
-- A batch is deleted only on an ack with ok=true whose seq AND hh match a batch it holds;
-  with `cloud_public_key` set, only when the ack's signature verifies. A forged, unsigned
-  or mismatching ack is rejected and counted. ok=false quarantines the batch (reported,
-  not resent). A broker's PUBACK never deletes anything.
+- Trust (docs/security.md): an ack or rejection changes anything only when its signature by
+  `cloud_public_key` verifies (or, lab only, `insecure_unsigned_acks: true` and no key). Unsigned
+  and wrongly signed ones are counted and change nothing. A trusted ok=true whose seq AND hh match
+  a batch it holds deletes that batch; a trusted `chain-broken` quarantines it (kept aside,
+  reported, not resent); any other trusted rejection means "resend later": the batch stays in
+  flight and goes again after a capped, jittered backoff (`uplink.reconnect`), counted per reason.
+  A broker's PUBACK never deletes anything.
 - Reconnects with capped, jittered exponential backoff; the cause of a failure is named
   (refused, untrusted CA, client certificate rejected, ...), not a bare timeout.
 - Optional bandwidth cap (bytes/s) for metered links.
@@ -23,19 +32,34 @@ from typing import Any, Literal
 
 import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge.aio import wait_event
 from edge.buffer import SealedBatch
 from edge.errors import EdgeError, WireError
 from edge.supervisor import Runtime
 from edge.uplink.batcher import Batcher
+from edge.uplink.clientid import client_id
 from edge.uplink.connect import ConnectParams, connect_params, diagnose_connect_error, explain_connect_error
-from edge.uplink.wire import ack_topic, batch_topic, parse_ack, status_topic, verify_ack
+from edge.uplink.inbound import cap_inbound
+from edge.uplink.wire import MAX_ACK, REASONS, ack_topic, batch_topic, parse_ack, status_topic, verify_ack
 
 log = structlog.get_logger("edge.uplink")
 
 UplinkState = Literal["starting", "connecting", "online", "backoff", "stopped"]
+
+# MQTT 5 Maximum Packet Size we announce: an ack (<= MAX_ACK) plus its topic and MQTT framing
+MAX_INBOUND_PACKET = 8192
+INBOUND_QUEUE = 256  # acks queued between the MQTT client and us; beyond, aiomqtt drops (logged)
+# CONNACK codes meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 132)
+_NO_V5 = frozenset({1, 132})
+
+
+class UplinkTrustError(EdgeError):
+    """The uplink would trust acks it cannot authenticate (see `edge.config.Uplink.trust_problems`)."""
 
 
 class TokenBucket:
@@ -83,15 +107,22 @@ class Uplink:
         self._stopping = asyncio.Event()
         self._inflight: dict[int, SealedBatch] = {}
         self._sent_at: dict[int, float] = {}
+        self._retry_at: dict[int, float] = {}  # seq -> monotonic time of its resend after a rejection
+        self._attempts: dict[int, int] = {}  # seq -> rejections so far (backoff exponent)
+        self._v5 = self._ucfg.protocol != "3.1.1"
+        self._client_id: str | None = None
         self._wake = asyncio.Event()
         self._publishing: set[asyncio.Task[None]] = set()
         self.state: UplinkState = "starting"
         self.broker: str | None = None
         self.last_error: str | None = None
         self.counters: dict[str, int] = {
-            "published": 0, "resent": 0, "acked": 0, "events_acked": 0, "rejected": 0,
-            "acks_forged": 0, "acks_unknown": 0, "acks_malformed": 0, "connects": 0,
+            "published": 0, "resent": 0, "acked": 0, "events_acked": 0, "rejected": 0, "deferred": 0,
+            "acks_forged": 0, "acks_unsigned": 0, "acks_unknown": 0, "acks_malformed": 0, "connects": 0,
+            "inbound_refused": 0,
         }
+        self.rejections: dict[str, int] = {}  # trusted rejections by reason (chain-broken included)
+        self.unsigned_acks_trusted = self._cloud_key is None
         self.last_ack_ms: int | None = None
         self._params: ConnectParams | None = None
         self._warned: set[str] = set()  # configuration warnings already logged (once, not per reconnect)
@@ -99,6 +130,15 @@ class Uplink:
 
     # -- component protocol ---------------------------------------------------------
     async def start(self) -> None:
+        problems = self._ucfg.trust_problems()
+        if problems:
+            raise UplinkTrustError("; ".join(f"{key} {msg}" for key, msg in problems))
+        if self._cloud_key is None:
+            log.warning("uplink_acks_unsigned", hint="uplink.insecure_unsigned_acks is true: anyone who can "
+                        "publish on the broker can make this box delete its data; set uplink.cloud_public_key")
+        elif self._ucfg.insecure_unsigned_acks:
+            log.warning("uplink_insecure_flag_ignored", reason="uplink.cloud_public_key is set: acks must be signed")
+        self._client_id = client_id(*self._ids, self._cfg.paths.state_dir, self._ucfg.client_id)
         self._task = asyncio.create_task(self._run(), name="uplink")
 
     async def stop(self) -> None:
@@ -121,9 +161,14 @@ class Uplink:
         return {
             "state": self.state,
             "broker": self.broker,
+            "protocol": "5" if self._v5 else "3.1.1",
+            "client_id": self._client_id,
             "inflight": len(self._inflight),
+            "waiting_to_resend": len(self._retry_at),
             "last_error": self.last_error,
             "last_ack_ms": self.last_ack_ms,
+            "unsigned_acks_trusted": self.unsigned_acks_trusted,
+            "rejections": dict(self.rejections),
             **self.counters,
         }
 
@@ -144,6 +189,16 @@ class Uplink:
                 finally:
                     self._connected = False
                 delay = self._ucfg.reconnect.initial
+            except MqttConnectError as exc:
+                if self._v5 and self._ucfg.protocol == "auto" and _rc(exc) in _NO_V5:
+                    log.info("uplink_mqtt5_refused", broker=self.broker, fallback="3.1.1",
+                             note="inbound packet size now bounded by the broker only (docs/security.md)")
+                    self._v5 = False
+                    continue
+                msg = await self._explain(exc)
+                if msg != self.last_error:
+                    log.warning("uplink_down", cause=msg, retry_in_s=round(delay, 2))
+                self.last_error = msg
             except (aiomqtt.MqttError, OSError, EdgeError, ExceptionGroup) as exc:
                 # a drop mid-session surfaces as an ExceptionGroup from the session's TaskGroup
                 msg = await self._explain(_first_leaf(exc))
@@ -168,19 +223,28 @@ class Uplink:
             return self._ucfg.broker
         from edge.uplink.discovery import discover_broker
 
-        return await discover_broker(self._ucfg.discovery.interfaces, self._ucfg.discovery.timeout)
+        d = self._ucfg.discovery
+        return await discover_broker(d.interfaces, d.timeout, allow_plain=d.allow_plain)
 
     async def _session(self, url: str) -> None:
         params = connect_params(self._ucfg, url=url, warned=self._warned)
         self._params = params
         offline = json.dumps({"state": "offline", "device": self._ids[2]}).encode()
+        props: Properties | None = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho is untyped here
+            props.MaximumPacketSize = MAX_INBOUND_PACKET
         client = params.client(
-            identifier=self._ids[2],
+            identifier=self._client_id or "/".join(self._ids),
             will=aiomqtt.Will(self._status_topic, offline, qos=1, retain=True),
-            clean_session=True,
+            clean_session=None if self._v5 else True,
             max_inflight_messages=max(20, self._ucfg.window * 2),
-            protocol=aiomqtt.ProtocolVersion.V311,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
+            properties=props,
+            max_queued_incoming_messages=INBOUND_QUEUE,
         )
+        if not self._v5:  # MQTT 5 announces the cap in CONNECT; 3.1.1 needs it enforced here
+            cap_inbound(client, MAX_INBOUND_PACKET, self._inbound_refused)
         async with client:
             self._connected = True
             self.counters["connects"] += 1
@@ -191,9 +255,11 @@ class Uplink:
             if self.last_error is not None:
                 log.info("uplink_up", broker=url)
             self.last_error = None
-            # everything sealed but unacked (from before a restart or a disconnect) goes again
+            # everything sealed but unacked (from before a restart or a disconnect) goes again;
+            # batches the cloud asked us to resend later keep their backoff
             self._inflight = {b.seq: b for b in await self._rt.buffer.pending_batches()}
             self._sent_at = {}
+            self._retry_at = {s: t for s, t in self._retry_at.items() if s in self._inflight}
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._acks(client), name="uplink:acks")
@@ -207,6 +273,11 @@ class Uplink:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(self._status_topic, offline, qos=1, retain=True, timeout=2.0)
 
+    def _inbound_refused(self, size: int) -> None:
+        self.counters["inbound_refused"] += 1
+        log.warning("ack_rejected", reason="oversize-packet", size=size, max_bytes=MAX_INBOUND_PACKET,
+                    action="connection dropped before reading it")
+
     async def _until_stop(self) -> None:
         await self._stopping.wait()
         raise _Stop
@@ -217,9 +288,10 @@ class Uplink:
         timeout = self._ucfg.ack_timeout
         while True:
             now = clock.monotonic()
-            due = [b for s, b in sorted(self._inflight.items()) if now - self._sent_at.get(s, -1e18) >= timeout]
+            due = [b for s, b in sorted(self._inflight.items()) if self._due(s, now, timeout)]
             for b in due:
                 resend = b.seq in self._sent_at
+                self._retry_at.pop(b.seq, None)
                 await self._publish(client, b)
                 self.counters["resent" if resend else "published"] += 1
             while len(self._inflight) < self._ucfg.window:
@@ -232,7 +304,15 @@ class Uplink:
             self._wake.clear()
             wait = min(timeout, self._batcher.linger_left() or timeout) if self._inflight else \
                 self._batcher.linger_left()
+            if self._retry_at:
+                wait = min(wait, min(self._retry_at.values()) - clock.monotonic())
             await wait_event(self._wake, max(0.005, wait))
+
+    def _due(self, seq: int, now: float, timeout: float) -> bool:
+        retry = self._retry_at.get(seq)
+        if retry is not None:
+            return now >= retry
+        return now - self._sent_at.get(seq, -1e18) >= timeout
 
     async def _publish(self, client: aiomqtt.Client, b: SealedBatch) -> None:
         if self._bucket is not None:
@@ -258,6 +338,10 @@ class Uplink:
             await self._handle_ack(payload if isinstance(payload, bytes) else b"")
 
     async def _handle_ack(self, payload: bytes) -> None:
+        if len(payload) > MAX_ACK:  # refused before any decoding (parse_ack checks it too)
+            self.counters["acks_malformed"] += 1
+            log.warning("ack_rejected", reason="oversize", size=len(payload), max_bytes=MAX_ACK)
+            return
         try:
             ack = parse_ack(payload)
         except WireError:
@@ -275,21 +359,53 @@ class Uplink:
         if self._cloud_key is not None and not verify_ack(
             ack, tenant=self._ids[0], store=self._ids[1], device=self._ids[2], cloud_key=self._cloud_key
         ):
-            self.counters["acks_forged"] += 1
-            log.warning("ack_rejected", reason="bad-signature", seq=ack.seq)
+            # changes nothing: a deletion, a quarantine or a resend delay needs the cloud's signature
+            reason = "unsigned" if ack.s is None else "bad-signature"
+            self.counters["acks_unsigned" if ack.s is None else "acks_forged"] += 1
+            log.warning("ack_rejected", reason=reason, seq=ack.seq, ok=ack.ok)
             return
         if ack.ok:
             if await self._rt.buffer.ack(ack.seq, ack.hh):
                 self.counters["acked"] += 1
                 self.counters["events_acked"] += batch.n
                 self.last_ack_ms = self._rt.clock.wall_ms()
-        else:
-            await self._rt.buffer.quarantine(ack.seq, ack.hh, ack.err or "rejected")
+            self._forget(ack.seq)
+            return
+        reason = ack.err or "unspecified"
+        key = reason if reason in _KNOWN_REASONS else "other"  # an unknown reason must not grow the dict
+        self.rejections[key] = self.rejections.get(key, 0) + 1
+        if reason == "chain-broken":
+            await self._rt.buffer.quarantine(ack.seq, ack.hh, reason)
             self.counters["rejected"] += 1
-            log.error("batch_rejected", seq=ack.seq, err=ack.err, hint="kept aside in the buffer; see edge status")
-        self._inflight.pop(ack.seq, None)
-        self._sent_at.pop(ack.seq, None)
+            log.error("batch_rejected", seq=ack.seq, err=reason, hint="kept aside in the buffer; see edge status")
+            self._forget(ack.seq)
+            return
+        # any other rejection: the cloud could not take it now (e.g. our key is not registered yet)
+        attempts = self._attempts.get(ack.seq, 0) + 1
+        self._attempts[ack.seq] = attempts
+        cap = self._ucfg.reconnect.max
+        delay = min(cap, self._ucfg.reconnect.initial * 2 ** min(attempts - 1, 30))
+        delay = self._rng.uniform(delay / 2, delay)
+        self._retry_at[ack.seq] = self._rt.clock.monotonic() + delay
+        self.counters["deferred"] += 1
+        log.warning("batch_refused_resend_later", seq=ack.seq, err=key, attempt=attempts,
+                    retry_in_s=round(delay, 2))
         self._wake.set()
+
+    def _forget(self, seq: int) -> None:
+        self._inflight.pop(seq, None)
+        self._sent_at.pop(seq, None)
+        self._retry_at.pop(seq, None)
+        self._attempts.pop(seq, None)
+        self._wake.set()
+
+
+_KNOWN_REASONS = frozenset(REASONS)
+
+
+def _rc(exc: MqttConnectError) -> int:
+    rc = exc.rc
+    return rc if isinstance(rc, int) else int(getattr(rc, "value", -1))
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
