@@ -11,7 +11,7 @@ escalating backoff (1 s doubling to 30 s).
 Bounds. Over MQTT 5 the client announces a Maximum Packet Size (`max_payload` plus topic and
 header room), so a conforming broker never delivers a larger message; over 3.1.1 there is no
 such field, and the broker's own limit (mosquitto `message_size_limit`, NATS `max_payload`)
-should be set (docs/security-receiver.md); the core refuses an oversized payload unread either way.
+should be set (docs/security.md, "The receiver"); the core refuses an oversized payload unread either way.
 """
 
 from __future__ import annotations
