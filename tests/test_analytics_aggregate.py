@@ -36,7 +36,8 @@ def _doc(state: Path, broker: str, mode: str) -> dict[str, Any]:
         "privacy": {"mode": mode},
         "analytics": {"enabled": True, "interval": "5m"},
         "buffer": {"commit_interval": "20ms"},
-        "uplink": {"broker": broker, "batch": {"max_events": 50, "linger": "50ms"},
+        "uplink": {"broker": broker, "insecure_unsigned_acks": True,  # no receiver: nothing acks
+                   "batch": {"max_events": 50, "linger": "50ms"},
                    "reconnect": {"initial": "100ms", "max": "1s"}},
         "drivers": {
             "ble": {"backend": "sim", "sim": {"rate": 300, "seed": 1}},

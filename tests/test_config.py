@@ -590,7 +590,8 @@ def test_a_capital_m_duration_is_refused_and_a_small_m_is_minutes(tmp_path: Path
     assert msg == (f"{path}:6: uplink.ack_timeout: '5M' is not valid: 5M is ambiguous: write 5m or 5min for "
                    "minutes (sizes are written 512MiB or 512MB)")
     for text in ("5m", "5min"):
-        assert load_config(write(tmp_path, IDENTITY + f"uplink:\n  ack_timeout: {text}\n")).uplink.ack_timeout == 300
+        cfg = load_config(write(tmp_path, IDENTITY + f"uplink:\n  ack_timeout: {text}\n"), trust=False)
+        assert cfg.uplink.ack_timeout == 300
 
 
 def test_a_duplicate_pos_name_names_only_the_duplicate(tmp_path: Path) -> None:

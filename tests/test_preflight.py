@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.cloudkey import CLOUD_PUBLIC_HEX
 
 from edge.clock import SystemClock
 from edge.configload import load_config
@@ -19,6 +20,9 @@ from edge.preflight import startup_problems
 from edge.privacy.keys import KeyStore
 
 EDGE = str(Path(sys.executable).parent / "edge")
+
+
+KEY = {"cloud_public_key": CLOUD_PUBLIC_HEX}  # the uplink is trusted only with a cloud key
 
 
 def config(tmp_path: Path, *, keys: bool = True, **sections: Any) -> Path:
@@ -80,12 +84,12 @@ def test_missing_tls_files_are_named_by_key_for_mqtts(tmp_path: Path) -> None:
     tls = {"ca_file": str(tmp_path / "ca.pem"), "cert_file": str(tmp_path / "c.pem"),
            "key_file": str(tmp_path / "tls")}
     (tmp_path / "tls").mkdir()
-    path = config(tmp_path, uplink={"broker": "mqtts://127.0.0.1:8883", "tls": tls})
+    path = config(tmp_path, uplink={"broker": "mqtts://127.0.0.1:8883", "tls": tls, **KEY})
     got = problems(path)
     assert [ln.split(": ")[1] for ln in got] == ["uplink.tls.ca_file", "uplink.tls.cert_file", "uplink.tls.key_file"]
     assert got[0].endswith("ca.pem does not exist")
     assert got[2].endswith("is a folder, expected a file")
-    path = config(tmp_path, keys=False, uplink={"broker": "mqtt://127.0.0.1:1883", "tls": tls})
+    path = config(tmp_path, keys=False, uplink={"broker": "mqtt://127.0.0.1:1883", "tls": tls, **KEY})
     assert problems(path) == []
 
 
@@ -130,7 +134,7 @@ def test_check_config_and_run_refuse_the_same_problems_with_exit_2(tmp_path: Pat
     """Both commands print the same lines (one per problem) and exit 2; check-config takes the
     path positionally or as --config."""
     tls = {"ca_file": str(tmp_path / "ca.pem")}
-    path = config(tmp_path, keys=False, uplink={"broker": "mqtts://127.0.0.1:8883", "tls": tls},
+    path = config(tmp_path, keys=False, uplink={"broker": "mqtts://127.0.0.1:8883", "tls": tls, **KEY},
                   privacy={"classes": {"loyalty_id": {"policy": "stable"}}})
     args = [str(path) if a == "PATH" else a for a in form]
     check = subprocess.run([EDGE, "check-config", *args], capture_output=True, text=True, timeout=60, check=False)

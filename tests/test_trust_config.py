@@ -21,18 +21,22 @@ import yaml
 from structlog.testing import capture_logs
 from support.cloudkey import CLOUD_PUBLIC_HEX
 
-from edge.clock import FakeClock
+from edge.clock import FakeClock, SystemClock
 from edge.privacy.consent import ConsentList, consent_file_problem
+from edge.privacy.keys import KeyStore
 
 EDGE = str(Path(sys.executable).parent / "edge")
 IDENTITY = {"tenant": "acme", "store": "s001", "device": "edge-01"}
 
 
-def write(tmp_path: Path, **sections: object) -> Path:
+def write(tmp_path: Path, *, keys: bool = True, **sections: object) -> Path:
     doc = {"identity": IDENTITY, "paths": {"state_dir": str(tmp_path / "state"),
                                            "keys_dir": str(tmp_path / "state" / "keys")}, **sections}
     path = tmp_path / "edge.yaml"
     path.write_text(yaml.safe_dump(doc))
+    keys_dir = tmp_path / "state" / "keys"
+    if keys and not keys_dir.exists():  # check-config also runs run's start-up checks: device keys exist
+        KeyStore(keys_dir, SystemClock()).init()
     return path
 
 
@@ -44,7 +48,7 @@ def edge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_no_cloud_key_with_the_uplink_enabled_exits_2_naming_the_key(tmp_path: Path, command: list[str]) -> None:
     """The default uplink (enabled) without cloud_public_key: exit 2, the message names
     uplink.cloud_public_key, the command that makes a key pair, and the lab escape hatch."""
-    path = write(tmp_path)
+    path = write(tmp_path, keys=False)
     res = edge(*command, str(path), cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     first = res.stderr.splitlines()[0]
@@ -83,6 +87,7 @@ def test_broker_auto_requires_the_stores_own_ca(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "uplink.tls.ca_file: is required with broker: auto" in res.stderr
     assert "never the system CA store" in res.stderr
+    (tmp_path / "ca.pem").write_text("the store's CA (check-config only checks it is readable)\n")
     res = edge("check-config", str(write(tmp_path, uplink={**up, "tls": {"ca_file": "ca.pem"}})), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
 
@@ -158,8 +163,7 @@ def test_keys_status_and_export_work_before_the_cloud_key_is_set(tmp_path: Path)
     store.yaml) `edge keys init` and `edge status` still work, so keys can be made and a box
     rescued before the cloud key is known."""
     path = write(tmp_path, uplink={"cloud_public_key": "SET-ME-run-edge-cloud-keys-create"})
-    (tmp_path / "state").mkdir()
-    assert edge("keys", "init", "--config", str(path), cwd=tmp_path).returncode == 0
+    assert edge("keys", "init", "--config", str(path), "--force", cwd=tmp_path).returncode == 0
     res = edge("status", "--config", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert edge("run", "--config", str(path), cwd=tmp_path).returncode == 2
