@@ -12,6 +12,7 @@ if [ "$mode" = test ]; then
   # iproute2/util-linux for network namespaces that cut the uplink
   apt_pkgs+=(mosquitto dbus iproute2 util-linux openssl)
   apt_pkgs+=(systemd)  # systemd-analyze verify/security and systemd-sysusers for the unit checks
+  apt_pkgs+=(postgresql)  # a real PostgreSQL for the cloud tests (they run their own cluster, not the service)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
