@@ -1,40 +1,55 @@
-"""The `edge-cloud` command. Thin: each subcommand group registers itself from its own module
-(`register(subparsers)`, handlers set as `func` returning an exit code); errors become exit codes.
+"""The `edge-cloud` command. Thin: each subcommand group registers itself from its own module.
 
-Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration problem.
+To add a group, write a module with `register(subparsers)` that adds its parser(s) and sets
+`func=` (a callable taking the parsed `argparse.Namespace`, returning the exit code) with
+`set_defaults`, and add the module's name to COMMANDS. Exit codes: 0 ok, 1 runtime failure,
+2 usage or configuration problem.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
-from cloud import __version__
-from cloud.cluster import cli as cluster_cli
-from cloud.db import cli as db_cli
-from edge.errors import EdgeError
+from edge import __version__
+from edge.errors import ConfigError, EdgeError
+
+COMMANDS: tuple[str, ...] = (
+    "cloud.commands.receive",
+    "cloud.commands.keys",
+    "cloud.commands.importer",
+    "cloud.cluster.cli",
+    "cloud.db.cli",
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-cloud", description="store-edge cloud: ingest, registry, fleet")
+def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-cloud", description="store-edge cloud side: ingest, keys")
     ap.add_argument("--version", action="version", version=f"store-edge {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    cluster_cli.register(sub)
-    db_cli.register(sub)
+    for name in commands:
+        importlib.import_module(name).register(sub)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    func = cast(Callable[[argparse.Namespace], int], args.func)
     try:
-        code: int = args.func(args)
+        return func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) in {exc.path}", file=sys.stderr)
+        return 2
     except EdgeError as exc:
         print(f"edge-cloud: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return code
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ failed), 2 usage or configuration problem.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -50,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write buffered events as JSON lines (rescue by USB stick)")
     _add_config(p)
     p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--signed", action="store_true",
+                   help="write the sealed, signed uplink-v1 batches instead (edge-cloud import reads them)")
 
-    p = sub.add_parser("receive", help="run the reference receiver")
-    _add_config(p)
+    from cloud.commands.receive import DESCRIPTION, add_arguments
+
+    p = sub.add_parser("receive", help="run the receiver (alias of edge-cloud receive)", description=DESCRIPTION)
+    add_arguments(p)
 
     p = sub.add_parser("verify", help="verify captured batch payloads offline")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -124,14 +127,18 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch pe
         from edge.status import status_main
 
         return status_main(args.config, as_json=args.json)
+    if cmd == "export" and args.signed:
+        from edge.uplink.rescue import export_signed_main
+
+        return export_signed_main(args.config, args.out)
     if cmd == "export":
         from edge.status import export_main
 
         return export_main(args.config, args.out)
     if cmd == "receive":
-        from edge.uplink.receiver import receive_main
+        from cloud.commands.receive import run
 
-        return asyncio.run(receive_main(args.config))
+        return run(args, prog="edge receive")
     if cmd == "verify":
         from pathlib import Path
 

@@ -17,7 +17,7 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -30,6 +30,7 @@ MAX_BYTES = 1024 * 1024  # a config larger than this is the wrong file (or /dev/
 Loc = tuple[int | str, ...]
 Problem = tuple[int, str]  # (line for sorting, the message)
 _NEEDS = "expected a mapping with at least identity: {tenant, store, device}"
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Loader(yaml.SafeLoader):
@@ -53,22 +54,30 @@ class _Unusable(Exception):
 
 def load_config(path: str | Path) -> Config:
     """Read, parse and validate `path`; raise ConfigError listing every problem found."""
+    cfg = load_model(path, Config)
+    return _resolve_paths(cfg, Path(os.path.abspath(str(path))).parent)
+
+
+def load_model(path: str | Path, model: type[M], *, needs: str = _NEEDS) -> M:
+    """Read, parse and validate `path` as `model` (any pydantic model: the device config, the
+    receiver's); ConfigError listing every problem as file:line: key: value, what is expected.
+    Paths are returned as written (the caller resolves them). `needs` says what the file holds."""
     where = str(path)
     try:
-        node, data = _parse(where)
+        node, data = _parse(where, needs)
     except _Unusable as exc:
         raise ConfigError(where, [str(exc)]) from None
     problems = _duplicates(node, (), where)
     try:
-        cfg = Config.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as exc:
-        problems += [_describe(err, where, node, data) for err in exc.errors(include_url=False)]
+        problems += [_describe(err, where, node, data, model) for err in exc.errors(include_url=False)]
     if problems:
         raise ConfigError(where, [text for _, text in sorted(problems, key=lambda p: p[0])])
-    return _resolve_paths(cfg, Path(os.path.abspath(where)).parent)
+    return cfg
 
 
-def _parse(where: str) -> tuple[yaml.Node, dict[str, Any]]:
+def _parse(where: str, needs: str = _NEEDS) -> tuple[yaml.Node, dict[str, Any]]:
     try:
         with open(where, "rb") as fh:
             raw = fh.read(MAX_BYTES + 1)
@@ -99,11 +108,11 @@ def _parse(where: str) -> tuple[yaml.Node, dict[str, Any]]:
         if loader is not None:
             loader.dispose()
     if node is None:
-        raise _Unusable(f"{where}:1: the file is empty: {_NEEDS}")
+        raise _Unusable(f"{where}:1: the file is empty: {needs}")
     if not isinstance(data, dict):
         found = "nothing (null)" if data is None else _kind(data)
         raise _Unusable(f"{where}:{_line(node)}: the top level must be a mapping of sections; found {found}: "
-                        f"{_NEEDS}")
+                        f"{needs}")
     return node, data
 
 
@@ -128,30 +137,33 @@ def _duplicates(node: yaml.Node, loc: Loc, where: str) -> list[Problem]:
     return out
 
 
-def _describe(err: Any, where: str, root: yaml.Node, data: Any) -> Problem:
+def _describe(err: Any, where: str, root: yaml.Node, data: Any, model: type[BaseModel] = Config) -> Problem:
     loc: Loc = tuple(err["loc"])
     kind, msg, ctx = err["type"], str(err["msg"]).removeprefix("Value error, "), err.get("ctx") or {}
     if kind == "value_error" and isinstance(raw := _walk(data, loc), dict) and msg.split(" ")[0] in raw:
         loc = (*loc, msg.split(" ")[0])  # "card_number is always dropped": point at card_number itself
     if kind == "missing":
         line = _locate(root, loc[:-1])
-        expect = _expect(_type_at(loc))
+        expect = _expect(_type_at(loc, model))
         parent = repr(_dotted(loc[:-1])) if len(loc) > 1 else "the top level"
         return line, (f"{where}:{line}: {_dotted(loc)}: required key {str(loc[-1])!r} is missing from "
                       f"{parent}" + (f" (expected {expect})" if expect else ""))
     line = _locate(root, loc)
     if kind == "extra_forbidden":
-        names = _field_names(_type_at(loc[:-1]))
+        names = _field_names(_type_at(loc[:-1], model))
         close = difflib.get_close_matches(str(loc[-1]), names, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(names)}"
         return line, f"{where}:{line}: {_dotted(loc)}: unknown key {str(loc[-1])!r}; {hint}"
     value = err.get("input") if (value := _walk(data, loc)) is _NOTHING else value
     value = loc[-2] if loc[-1] == "[key]" else value
     shown = f"key {_show(value)}" if loc[-1] == "[key]" else _show(value)
-    return line, f"{where}:{line}: {_dotted(loc)}: {shown} is not valid: {_human(kind, msg, ctx, loc, value)}"
+    human = _human(kind, msg, ctx, loc, value, model)
+    return line, f"{where}:{line}: {_dotted(loc)}: {shown} is not valid: {human}"
 
 
-def _human(kind: str, msg: str, ctx: dict[str, Any], loc: Loc, value: Any) -> str:
+def _human(  # noqa: PLR0917 - internal helper of _describe
+    kind: str, msg: str, ctx: dict[str, Any], loc: Loc, value: Any, model: type[BaseModel] = Config
+) -> str:
     if kind == "literal_error":
         allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         close = difflib.get_close_matches(str(value), allowed, n=1)
@@ -160,7 +172,7 @@ def _human(kind: str, msg: str, ctx: dict[str, Any], loc: Loc, value: Any) -> st
     elif kind == "string_pattern_mismatch" and ctx.get("pattern") == ID_PATTERN:
         out = "expected an id: 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
     elif kind in _BOUNDS:
-        bound, unit = next(iter(ctx.values())), _unit(_type_at(loc))
+        bound, unit = next(iter(ctx.values())), _unit(_type_at(loc, model))
         shown = (f"{bound} bytes" + (f" ({format_size(bound)})" if bound >= 1024 else "") if unit == "size"
                  else format_duration(bound) if unit == "duration" and bound > 0 else f"{bound:g}")
         out = f"expected {_BOUNDS[kind]} {shown}"
@@ -211,9 +223,9 @@ def _locate(node: yaml.Node, loc: Loc) -> int:
     return line
 
 
-def _type_at(loc: Loc) -> tuple[Any, list[Any]]:
+def _type_at(loc: Loc, model: type[BaseModel] = Config) -> tuple[Any, list[Any]]:
     """The schema type at `loc` (Optional and Annotated stripped) and its metadata."""
-    tp: Any = Config
+    tp: Any = model
     meta: list[Any] = []
     for seg in loc:
         tp, meta = _strip(tp, meta)

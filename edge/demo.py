@@ -23,6 +23,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from cloud.config import ReceiverConfig
+from cloud.receiver import Receiver
 from drivers.base import SimOptions
 from drivers.registry import build_drivers
 from edge.clock import Clock, SystemClock
@@ -33,8 +35,6 @@ from edge.leakscan import Needle, needles_for, scan
 from edge.logs import configure_logging
 from edge.privacy.keys import KeyStore
 from edge.supervisor import Supervisor
-from edge.uplink.receiver import Receiver
-from edge.uplink.receiver_config import ReceiverConfig
 from edge.uplink.service import Uplink, uplink_component
 
 TENANT, STORE, DEVICE = "demo", "store-001", "edge-demo"
@@ -88,7 +88,7 @@ async def run_demo(
     clock = clock or SystemClock()
     (root / "device").mkdir(parents=True, exist_ok=True)
     recv_dir = root / "receiver"
-    (recv_dir / "keys").mkdir(parents=True, exist_ok=True)
+    (recv_dir / "keys" / TENANT / STORE).mkdir(parents=True, exist_ok=True)
     log_file = (root / "edge.log").open("a", encoding="utf-8")
     configure_logging("info", "json", log_file)
     try:
@@ -106,7 +106,7 @@ async def run_demo(
             keys = KeyStore(cfg.paths.keys_dir, clock)
             if not keys.exists():
                 keys.init()
-            (recv_dir / "keys" / f"{DEVICE}.pub").write_text(keys.public_key().hex() + "\n")
+            (recv_dir / "keys" / TENANT / STORE / f"{DEVICE}.pub").write_text(keys.public_key().hex() + "\n")
             rcfg = ReceiverConfig(
                 broker=url, client_id="demo-receiver",
                 shared_group=None if broker is None else "edge-demo",  # amqtt has no $share

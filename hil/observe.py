@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
+from cloud.config import ReceiverConfig
+from cloud.receiver import Receiver, ReceiverStats
 from edge.buffer.stats import count_events, read_stats
 from edge.errors import BufferError_, WireError
-from edge.uplink.receiver import Receiver, ReceiverStats
-from edge.uplink.receiver_config import ReceiverConfig
-from edge.uplink.wire import parse_batch, parse_topic
+from edge.wire.uplink import parse_batch, parse_topic
 
 
 class WireCapture:

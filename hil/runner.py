@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud.config import ReceiverConfig
+from cloud.identity import register_key
+from cloud.receiver import ReceiverStats
 from edge.buffer.stats import count_events
 from edge.errors import BufferError_
-from edge.uplink.receiver import ReceiverStats
-from edge.uplink.receiver_config import ReceiverConfig
 from hil.adapters import Rig, choose
 from hil.daemon import Daemon, DaemonError, Life, run_cli
 from hil.faults import Disk, Uplink, corrupt_database
@@ -385,7 +386,7 @@ class Run:
         run_cli("keys", "init", "--config", str(cfg))
         pub = json.loads(run_cli("keys", "show", "--json", "--config", str(cfg)))["public_key"]
         (self.dirs["receiver"] / "keys").mkdir(exist_ok=True)
-        (self.dirs["receiver"] / "keys" / f"{DEVICE}.pub").write_text(pub + "\n")
+        register_key(self.dirs["receiver"] / "keys", (TENANT, STORE, DEVICE), pub)
 
     def _receiver_config(self, url: str) -> ReceiverConfig:
         r = self.dirs["receiver"]

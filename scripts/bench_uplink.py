@@ -40,6 +40,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud.identity import register_key
 from edge.buffer import Buffer
 from edge.clock import SystemClock
 from edge.config import Config
@@ -163,7 +164,8 @@ def register(cfg: Config, receiver_root: Path) -> None:
     keys = KeyStore(cfg.paths.keys_dir, SystemClock())
     if not keys.exists():
         keys.init()
-    (receiver_root / "keys" / f"{cfg.identity.device}.pub").write_text(keys.public_key().hex() + "\n")
+    ident = cfg.identity
+    register_key(receiver_root / "keys", (ident.tenant, ident.store, ident.device), keys.public_key().hex())
 
 
 async def fill(cfg: Config, n: int) -> float:

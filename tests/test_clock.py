@@ -28,7 +28,7 @@ from edge.events import Pending, Reading
 from edge.pipeline import NormalizeStage
 from edge.privacy.keys import KeyStore
 from edge.uplink.batcher import Batcher
-from edge.uplink.wire import parse_batch
+from edge.wire.uplink import parse_batch
 
 NOW = 1_767_225_600_000  # FakeClock's default wall time, 2026-01-01T00:00:00Z
 DAY_MS = 86_400_000

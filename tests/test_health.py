@@ -37,7 +37,7 @@ from edge.health import Liveness, health_component
 from edge.privacy.keys import KeyStore
 from edge.supervisor import ComponentFactory, Runtime, Supervisor
 from edge.uplink.service import uplink_component
-from edge.uplink.wire import make_ack, parse_batch
+from edge.wire.uplink import make_ack, parse_batch
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

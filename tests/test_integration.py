@@ -37,7 +37,7 @@ from edge.privacy.keys import KeyStore
 from edge.status import export_main
 from edge.supervisor import Supervisor
 from edge.uplink.service import Uplink, uplink_component
-from edge.uplink.wire import make_ack
+from edge.wire.uplink import make_ack
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGE = str(Path(sys.executable).parent / "edge")

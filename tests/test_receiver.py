@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -24,17 +25,17 @@ from typing import Any
 import aiomqtt
 import msgpack
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from structlog.testing import capture_logs
 from support.certs import CertPaths
 from support.mosquitto import Mosquitto
 
+from cloud.config import ReceiverConfig, load_receiver_config
+from cloud.receiver import Receiver
 from edge.clock import FakeClock
 from edge.config import Tls
-from edge.errors import ConfigError
-from edge.uplink.receiver import Receiver
-from edge.uplink.receiver_config import ReceiverConfig, load_receiver_config
-from edge.uplink.wire import Ack, encode_event, kid_of, parse_ack, public_raw, seal_batch, verify_ack
+from edge.errors import ConfigError, StartupError
+from edge.wire.uplink import Ack, encode_event, kid_of, parse_ack, public_raw, seal_batch, verify_ack
 
 pytestmark = pytest.mark.mosquitto
 
@@ -57,8 +58,11 @@ class Device:
     def topic(self) -> str:
         return f"{PREFIX}/{'/'.join(self.ids)}/batch"
 
-    def register(self, keys_dir: Path) -> None:
-        (keys_dir / f"{self.ids[2]}.pub").write_text(self.raw.hex() + "\n")
+    def register(self, keys_dir: Path, ids: tuple[str, str, str] | None = None) -> None:
+        """Register this key at keys_dir/<tenant>/<store>/<device>.pub (its own identity by default)."""
+        t, s, d = ids or self.ids
+        (keys_dir / t / s).mkdir(parents=True, exist_ok=True)
+        (keys_dir / t / s / f"{d}.pub").write_text(self.raw.hex() + "\n")
 
     def seal(self, n_events: int = 3, *, seq: int | None = None, prev: bytes | None = None,
              tag: str = "x", extra: dict[str, Any] | None = None) -> tuple[int, bytes, bytes]:  # fmt: skip
@@ -89,8 +93,9 @@ class Device:
 class Publisher:
     """A device-side MQTT client: publishes payloads and collects the acks per (device, seq)."""
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    def __init__(self, client: aiomqtt.Client, cloud: Ed25519PublicKey | None = None) -> None:
         self.client = client
+        self.cloud = cloud or CLOUD.public_key()
         self.acks: dict[tuple[str, int], list[Ack]] = defaultdict(list)
         self.raw_acks: list[tuple[str, bytes]] = []
         self._changed = asyncio.Event()
@@ -98,9 +103,10 @@ class Publisher:
     async def listen(self) -> None:
         async for m in self.client.messages:
             assert isinstance(m.payload, bytes)
-            device = m.topic.value.split("/")[-2]
+            tenant, store, device = m.topic.value.split("/")[-4:-1]
             self.raw_acks.append((m.topic.value, m.payload))
             ack = parse_ack(m.payload)
+            assert verify_ack(ack, tenant=tenant, store=store, device=device, cloud_key=self.cloud)
             self.acks[(device, ack.seq)].append(ack)
             self._changed.set()
 
@@ -122,16 +128,27 @@ class Publisher:
 
 
 @asynccontextmanager
-async def publisher(broker: Mosquitto) -> AsyncIterator[Publisher]:
+async def publisher(broker: Mosquitto, cloud: Ed25519PublicKey | None = None) -> AsyncIterator[Publisher]:
     ident = f"pub-{os.getpid()}-{time.monotonic_ns()}"
     async with aiomqtt.Client(broker.host, broker.port, identifier=ident) as c:
         await c.subscribe(f"{PREFIX}/+/+/+/ack", qos=1)
-        pub = Publisher(c)
+        pub = Publisher(c, cloud)
         task = asyncio.create_task(pub.listen())
         try:
             yield pub
         finally:
             task.cancel()
+
+
+CLOUD = Ed25519PrivateKey.generate()  # the cloud key of every receiver in this file
+
+
+def cloud_key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cloud.key"
+    if not path.exists():
+        path.write_text(CLOUD.private_bytes_raw().hex() + "\n")
+        path.chmod(0o600)
+    return path
 
 
 def make_cfg(tmp_path: Path, url: str, *, name: str = "r1", **changes: Any) -> ReceiverConfig:
@@ -140,6 +157,7 @@ def make_cfg(tmp_path: Path, url: str, *, name: str = "r1", **changes: Any) -> R
     fields: dict[str, Any] = {
         "broker": url, "client_id": f"receiver-{name}", "keys_dir": keys,
         "db": tmp_path / name / "receiver.db", "out": tmp_path / name / "events.jsonl",
+        "cloud_key": cloud_key_file(tmp_path),
     }  # fmt: skip
     fields.update(changes)
     return ReceiverConfig.model_validate(fields)
@@ -188,7 +206,8 @@ async def test_accepted_batch_is_stored_as_json_lines_then_acked_ok(
     async with running(cfg, on_event=lambda rec: seen.append(dict(rec))) as r, publisher(mosquitto) as pub:
         seq, hh, payload = dev.seal(3)
         ack = await pub.roundtrip(dev, seq, payload)
-        assert (ack.seq, ack.hh, ack.ok, ack.err, ack.s) == (1, hh, True, None, None)
+        assert (ack.seq, ack.hh, ack.ok, ack.err) == (1, hh, True, None)
+        assert verify_ack(ack, tenant="acme", store="s001", device="edge-01", cloud_key=CLOUD.public_key())
         records = stored(cfg)
         assert [rec["id"] for rec in records] == [1, 2, 3]
         assert records[0]["tenant"] == "acme"
@@ -225,6 +244,7 @@ def test_receiver_config_resolves_paths_against_its_folder_and_lists_problems(tm
     conf = tmp_path / "conf" / "receiver.yaml"
     conf.parent.mkdir()
     conf.write_text("broker: mqtts://broker.example:8884\nkeys_dir: keys\ndb: /abs/r.db\nshared_group: null\n"
+                    "cloud_key: cloud.key\n"
                     "tls:\n  ca_file: ca.pem\n")  # fmt: skip
     cfg = load_receiver_config(conf)
     assert (cfg.host, cfg.port, cfg.use_tls, cfg.shared_group) == ("broker.example", 8884, True, None)
@@ -235,9 +255,9 @@ def test_receiver_config_resolves_paths_against_its_folder_and_lists_problems(tm
     with pytest.raises(ConfigError) as exc:
         load_receiver_config(conf)
     problems = "\n".join(exc.value.problems)
-    for field in ("broker", "prefix", "max_group", "typo"):
+    for field in ("broker", "prefix", "max_group", "typo", "cloud_key"):
         assert field in problems
-    assert len(exc.value.problems) == 4
+    assert len(exc.value.problems) == 5
 
 
 async def test_duplicate_is_acked_ok_and_written_once(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -312,9 +332,20 @@ async def test_gap_and_reset_are_reported_not_rejected(tmp_path: Path, mosquitto
         (1, "new"), (1, "x"), (2, "new"), (2, "x"), (5, "x")]  # fmt: skip
 
 
-async def test_tampered_and_foreign_batches_are_rejected_with_the_spec_reason(
+async def no_ack(pub: Publisher, device: str, seq: int, *, count: int, quiet: float = 0.5) -> None:
+    """No further ack arrives for (device, seq) within `quiet` seconds."""
+    with suppress(TimeoutError):
+        async with asyncio.timeout(quiet):
+            await pub.ack(device, seq, count=count + 1)
+    assert len(pub.acks[(device, seq)]) == count
+
+
+async def test_unauthenticated_input_gets_no_ack_and_nothing_is_stored(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
+    """Tampered body or signature, "v": 2, a replaced body, garbage, an unregistered kid, another
+    device's key on this topic: no ack at all (not even a signed rejection carrying the genuine
+    hh), counted as unauthenticated; the genuine batch is then stored and acked ok."""
     cfg = make_cfg(tmp_path, mosquitto.url)
     dev, other, stranger = Device("edge-01"), Device("edge-02"), Device("edge-03")
     dev.register(cfg.keys_dir)
@@ -322,40 +353,116 @@ async def test_tampered_and_foreign_batches_are_rejected_with_the_spec_reason(
     async with running(cfg) as r, publisher(mosquitto) as pub:
         seq, hh, payload = dev.seal()
         top = msgpack.unpackb(payload, raw=False)
-        cases: list[tuple[str, bytes, str]] = []
         body = bytearray(top["b"])
         body[5] ^= 1
-        cases.append(("bad-body-hash", msgpack.packb({**top, "b": bytes(body)}), dev.topic))
         sig = bytearray(top["s"])
         sig[0] ^= 1
-        cases.append(("bad-signature", msgpack.packb({**top, "s": bytes(sig)}), dev.topic))
-        cases.append(("topic-mismatch", payload, other.topic))
-        cases.append(("malformed", msgpack.packb({**top, "v": 2}), dev.topic))
-        for reason, data, topic in cases:
-            device = topic.split("/")[-2]
-            count = len(pub.acks[(device, seq)]) + 1
-            await pub.send(topic, data)
-            ack = await pub.ack(device, seq, count=count)
-            assert (ack.ok, ack.err, ack.hh) == (False, reason, hh), reason
-        s_seq, s_hh, s_payload = stranger.seal()
-        ack = await pub.roundtrip(stranger, s_seq, s_payload)
-        assert (ack.ok, ack.err, ack.hh) == (False, "unknown-key", s_hh)
-        await pub.send(dev.topic, b"\xc1 not msgpack")  # nothing to ack it with
-        assert (await pub.roundtrip(dev, seq, payload)).ok  # processed after the garbage
-        assert r.stats.rejected == {"bad-body-hash": 1, "bad-signature": 1, "topic-mismatch": 1,
-                                    "malformed": 2, "unknown-key": 1}  # fmt: skip
-        assert r.stats.unacked == 1
+        cases = [
+            msgpack.packb({**top, "b": bytes(body)}),  # bad-body-hash
+            msgpack.packb({**top, "s": bytes(sig)}),  # bad-signature
+            msgpack.packb({**top, "v": 2}),  # malformed envelope, genuine h
+            msgpack.packb({**top, "b": zlib.compress(b"\x90")}),  # body replaced
+            b"\xc1 not msgpack",
+        ]
+        for data in cases:
+            await pub.send(dev.topic, data)
+        _, _, foreign = other.seal()  # edge-02's own batch, genuine, on edge-01's topic
+        await pub.send(dev.topic, foreign)
+        forged = Device("edge-01")  # a key nobody registered, claiming edge-01's seq 1
+        _, _, forged_payload = forged.seal()
+        await pub.send(dev.topic, forged_payload)
+        s_seq, _, s_payload = stranger.seal()
+        await pub.send(stranger.topic, s_payload)
+        await no_ack(pub, "edge-01", seq, count=0)
+        await no_ack(pub, "edge-03", s_seq, count=0)
+        ack = await pub.roundtrip(dev, seq, payload)  # processed after all of the above
+        assert (ack.ok, ack.hh) == (True, hh)
+        assert r.stats.unauthenticated == 8
+        assert r.stats.rejected == {"bad-body-hash": 2, "bad-signature": 1, "malformed": 2, "unknown-key": 3}
         assert r.stats.accepted == 1
         assert stored_seqs(cfg) == [1]
+        assert {rec["data"]["tag"] for rec in stored(cfg)} == {"x"}
+        assert len(pub.acks[("edge-01", 1)]) == 1
+    with sqlite3.connect(cfg.db) as db:
+        assert db.execute("SELECT count(*) FROM rejected").fetchone() == (0,)  # never quarantined
 
 
-async def test_acks_are_signed_when_a_cloud_key_is_configured(tmp_path: Path, mosquitto: Mosquitto) -> None:
+async def test_a_key_is_valid_only_for_its_own_identity(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """Device A's key signing batches as store B's device (topic and header both B's) is refused
+    unknown-key, unanswered, and stored nowhere; B's genuine chain is untouched by A claiming its
+    seqs 1..5, and a key registered for another tenant is no key for this one."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    a = Device("edge-a")
+    a.register(cfg.keys_dir)
+    b = Device("edge-b")
+    b.ids = ("acme", "s002", "edge-b")
+    b.register(cfg.keys_dir)
+    a_as_b = Device("edge-b", key=a.key)
+    a_as_b.ids = b.ids
+    a_other_tenant = Device("edge-a", key=a.key)
+    a_other_tenant.ids = ("othertenant", "s001", "edge-a")
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        claims = [a_as_b.seal(tag="claim") for _ in range(5)]
+        for _, _, payload in claims:
+            await pub.send(b.topic, payload)
+        _, _, x = a_other_tenant.seal()
+        await pub.send(a_other_tenant.topic, x)
+        for seq in range(1, 6):
+            await no_ack(pub, "edge-b", seq, count=0, quiet=0.1)
+        await no_ack(pub, "edge-a", 1, count=0, quiet=0.1)
+        for _ in range(5):
+            seq, hh, payload = b.seal(tag="genuine")
+            ack = await pub.roundtrip(b, seq, payload)
+            assert (ack.ok, ack.hh) == (True, hh)
+        assert r.stats.rejected == {"unknown-key": 6}
+        assert (r.stats.accepted, r.stats.gaps, r.stats.resets) == (5, 0, 0)
+    assert {(rec["store"], rec["data"]["tag"]) for rec in stored(cfg)} == {("s002", "genuine")}
+
+
+async def test_stored_batch_is_answered_already_stored_before_other_checks(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A resend of a stored batch is acked ok even once its key is no longer registered."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device()
+    dev.register(cfg.keys_dir)
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        seq, hh, payload = dev.seal()
+        assert (await pub.roundtrip(dev, seq, payload)).ok
+        (cfg.keys_dir / "acme" / "s001" / "edge-01.pub").unlink()
+        again = await pub.roundtrip(dev, seq, payload)
+        assert (again.ok, again.hh) == (True, hh)
+        assert (r.stats.accepted, r.stats.duplicates) == (1, 1)
+
+
+async def test_authenticated_faults_get_signed_rejections(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """A body that does not match its header (n), signed by the registered key: `malformed`, signed,
+    recorded in the quarantine table; a key registered for two identities used across them:
+    `topic-mismatch`."""
+    cfg = make_cfg(tmp_path, mosquitto.url)
+    dev = Device("edge-01")
+    dev.register(cfg.keys_dir)
+    dev.register(cfg.keys_dir, ("acme", "s001", "edge-02"))  # one key registered twice (a mistake)
+    async with running(cfg) as r, publisher(mosquitto) as pub:
+        seq, hh, payload = dev.seal()
+        other_topic = f"{PREFIX}/acme/s001/edge-02/batch"
+        await pub.send(other_topic, payload)
+        ack = await pub.ack("edge-02", seq)
+        assert (ack.ok, ack.err, ack.hh) == (False, "topic-mismatch", hh)
+        h = msgpack.packb({**msgpack.unpackb(msgpack.unpackb(payload)["h"]), "n": 7})
+        top = msgpack.unpackb(payload)
+        bad = msgpack.packb({**top, "h": h, "s": dev.key.sign(b"edge-batch-v1\n" + h)})
+        ack = await pub.roundtrip(dev, seq, bad)
+        assert (ack.ok, ack.err, ack.hh) == (False, "malformed", hashlib.sha256(h).digest())
+        assert r.stats.rejected == {"topic-mismatch": 1, "malformed": 1}
+    with sqlite3.connect(cfg.db) as db:
+        rows = db.execute("SELECT device, seq, reason FROM rejected ORDER BY reason").fetchall()
+    assert rows == [("edge-01", 1, "malformed"), ("edge-02", 1, "topic-mismatch")]
+
+
+async def test_acks_are_signed_with_the_cloud_key(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """Acceptances and rejections alike verify with the cloud public key, for this device only."""
-    cloud = Ed25519PrivateKey.generate()
-    key_file = tmp_path / "cloud.key"
-    key_file.write_text(cloud.private_bytes_raw().hex() + "\n")
-    key_file.chmod(0o600)
-    cfg = make_cfg(tmp_path, mosquitto.url, cloud_key=key_file)
+    cfg = make_cfg(tmp_path, mosquitto.url)
     dev = Device()
     dev.register(cfg.keys_dir)
     async with running(cfg), publisher(mosquitto) as pub:
@@ -363,11 +470,19 @@ async def test_acks_are_signed_when_a_cloud_key_is_configured(tmp_path: Path, mo
         ok = await pub.roundtrip(dev, seq, payload)
         _, _, bad = dev.seal(seq=2, prev=b"\1" * 32)
         rejected = await pub.roundtrip(dev, 2, bad)
-    pk = cloud.public_key()
+    pk = CLOUD.public_key()
     for ack in (ok, rejected):
         assert verify_ack(ack, tenant="acme", store="s001", device="edge-01", cloud_key=pk)
         assert not verify_ack(ack, tenant="acme", store="s001", device="edge-02", cloud_key=pk)
     assert (ok.ok, rejected.ok, rejected.err) == (True, False, "chain-broken")
+
+
+async def test_receiver_refuses_to_start_without_a_readable_cloud_key(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    cfg = make_cfg(tmp_path, mosquitto.url, cloud_key=tmp_path / "missing.key")
+    with pytest.raises(StartupError) as exc:
+        async with running(cfg):
+            pass
+    assert "missing.key" in str(exc.value)
 
 
 async def test_newly_registered_key_is_picked_up_at_most_once_a_second(
@@ -378,9 +493,11 @@ async def test_newly_registered_key_is_picked_up_at_most_once_a_second(
     dev = Device()
     async with running(cfg, clock=clock) as r, publisher(mosquitto) as pub:
         seq, _, payload = dev.seal()
-        assert (await pub.roundtrip(dev, seq, payload)).err == "unknown-key"
+        await pub.send(dev.topic, payload)
+        await no_ack(pub, "edge-01", seq, count=0)
         dev.register(cfg.keys_dir)
-        assert (await pub.roundtrip(dev, seq, payload)).err == "unknown-key"  # reloaded < 1 s ago
+        await pub.send(dev.topic, payload)
+        await no_ack(pub, "edge-01", seq, count=0)  # reloaded < 1 s ago
         clock.advance(1.5)
         assert (await pub.roundtrip(dev, seq, payload)).ok
         assert r.stats.rejected == {"unknown-key": 2}
@@ -477,20 +594,24 @@ async def test_receiver_reconnects_after_a_broker_restart(tmp_path: Path, mosqui
         assert r.stats.accepted == 2
 
 
-def test_receive_main_stops_cleanly_on_sigterm(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """The CLI entry runs until SIGTERM and exits 0; a bad config exits 2 with the problem named."""
+def test_edge_cloud_receive_runs_logs_json_and_stops_on_sigterm(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """`edge-cloud receive --config F` logs JSON lines when not on a terminal (here: a pipe), runs
+    until SIGTERM and exits 0; a config without cloud_key exits 2 naming it with the command that
+    makes one; typos are reported file:line with a did-you-mean."""
     (tmp_path / "keys").mkdir()
+    cloud_key_file(tmp_path)
     conf = tmp_path / "receiver.yaml"
-    conf.write_text(f"broker: {mosquitto.url}\nkeys_dir: keys\ndb: state/r.db\nout: state/e.jsonl\n")
-    code = "import asyncio, sys; from edge.uplink.receiver import receive_main; " \
-           "sys.exit(asyncio.run(receive_main(sys.argv[1])))"  # fmt: skip
+    conf.write_text(f"broker: {mosquitto.url}\nkeys_dir: keys\ndb: state/r.db\nout: state/e.jsonl\n"
+                    "cloud_key: cloud.key\n")  # fmt: skip
+    cmd = [sys.executable, "-u", "-m", "cloud.cli", "receive", "--config", str(conf)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    with subprocess.Popen([sys.executable, "-u", "-c", code, str(conf)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, env=env, text=True) as proc:  # fmt: skip
+    lines: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True) as proc:
         try:
             assert proc.stdout is not None
             deadline = time.monotonic() + WAIT
             for line in proc.stdout:
+                lines.append(line)
                 if "receiver_subscribed" in line or time.monotonic() > deadline:
                     break
             proc.send_signal(signal.SIGTERM)
@@ -498,10 +619,14 @@ def test_receive_main_stops_cleanly_on_sigterm(tmp_path: Path, mosquitto: Mosqui
         finally:
             if proc.poll() is None:
                 proc.kill()
+    assert json.loads(lines[-1])["event"] == "receiver_subscribed"  # JSON, not the console renderer
     assert (tmp_path / "state" / "r.db").exists()  # relative to the config file's folder
-    conf.write_text("broker: http://nope\nunknown_setting: 1\n")
-    done = subprocess.run([sys.executable, "-c", code, str(conf)], capture_output=True, text=True, env=env,
-                          timeout=WAIT, check=False)  # fmt: skip
+    conf.write_text("broker: mqtt://127.0.0.1:1\nkeys_dir: keys\n")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WAIT, check=False)
     assert done.returncode == 2
-    assert "broker" in done.stdout
-    assert "unknown_setting" in done.stdout
+    assert "cloud_key" in done.stdout
+    assert "edge-cloud keys create --out FILE" in done.stdout
+    conf.write_text("broker: mqtt://127.0.0.1:1\ncloud_key: cloud.key\nkeys_dirs: keys\n")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WAIT, check=False)
+    assert done.returncode == 2
+    assert f"{conf}:3: keys_dirs: unknown key 'keys_dirs'; did you mean 'keys_dir'?" in done.stdout

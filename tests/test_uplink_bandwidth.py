@@ -17,14 +17,16 @@ import pytest
 from support.mosquitto import Mosquitto
 from uplink_e2e import capture, check_chain, received_ids
 
+from cloud.config import ReceiverConfig
+from cloud.identity import register_key
+from cloud.keys import create_cloud_key
+from cloud.receiver import Receiver
 from edge.buffer import Buffer
 from edge.clock import SystemClock
 from edge.config import Config
 from edge.events import Pending
 from edge.privacy.keys import KeyStore
 from edge.supervisor import Supervisor
-from edge.uplink.receiver import Receiver
-from edge.uplink.receiver_config import ReceiverConfig
 from edge.uplink.service import Uplink, uplink_component
 
 pytestmark = pytest.mark.mosquitto
@@ -62,9 +64,11 @@ async def test_bandwidth_cap_bounds_the_bytes_published_over_time(tmp_path: Path
     await buf.close()
 
     (tmp_path / "rkeys").mkdir()
-    (tmp_path / "rkeys" / "edge-bw.pub").write_text(keys.public_key().hex())
+    register_key(tmp_path / "rkeys", ("acme", "s001", "edge-bw"), keys.public_key().hex())
+    create_cloud_key(tmp_path / "cloud.key")  # acks are always signed; this device does not check them
     rcfg = ReceiverConfig(broker=mosquitto.url, client_id="bw-receiver", keys_dir=tmp_path / "rkeys",
-                          db=tmp_path / "r.db", out=tmp_path / "events.jsonl")  # fmt: skip
+                          db=tmp_path / "r.db", out=tmp_path / "events.jsonl",
+                          cloud_key=tmp_path / "cloud.key")  # fmt: skip
     receiver = Receiver(rcfg)
     rstop = asyncio.Event()
     rtask = asyncio.create_task(receiver.run(rstop))

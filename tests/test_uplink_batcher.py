@@ -11,7 +11,7 @@ from edge.config import Config
 from edge.events import Pending
 from edge.privacy.keys import KeyStore
 from edge.uplink.batcher import Batcher
-from edge.uplink.wire import parse_batch, verify_batch
+from edge.wire.uplink import parse_batch, verify_batch
 
 BACKLOG = 50_000
 

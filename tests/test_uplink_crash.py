@@ -31,6 +31,7 @@ from uplink_e2e import (
     receiver_yaml,
 )
 
+from cloud.identity import register_key
 from edge.buffer.stats import read_stats
 from edge.clock import SystemClock
 from edge.privacy.keys import KeyStore
@@ -118,7 +119,7 @@ async def test_sigkilled_daemon_loses_nothing_resends_identical_bytes_and_keeps_
     public = _keys(state)
     rkeys = tmp_path / "rkeys"
     rkeys.mkdir()
-    (rkeys / f"{DEVICE}.pub").write_text(public.hex() + "\n")
+    register_key(rkeys, ("acme", "s001", DEVICE), public.hex())
     cloud = Ed25519PrivateKey.generate()
     cloud_file = tmp_path / "cloud.key"
     cloud_file.write_text(cloud.private_bytes_raw().hex())

@@ -15,12 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.mosquitto import Mosquitto
 from uplink_e2e import eventually
 
+from cloud.config import ReceiverConfig
+from cloud.identity import register_key
+from cloud.receiver import Receiver
 from edge.clock import SystemClock
 from edge.config import Config
 from edge.privacy.keys import KeyStore
 from edge.supervisor import Supervisor
-from edge.uplink.receiver import Receiver
-from edge.uplink.receiver_config import ReceiverConfig
 from edge.uplink.service import Uplink, uplink_component
 
 
@@ -58,7 +59,7 @@ async def test_broker_down_under_load_everything_arrives_once_chain_intact(
     clock = SystemClock()
     keys = KeyStore(cfg.paths.keys_dir, clock)
     keys.init()
-    (tmp_path / "rkeys" / "edge-out.pub").write_text(keys.public_key().hex())
+    register_key(tmp_path / "rkeys", ("acme", "s001", "edge-out"), keys.public_key().hex())
     rcfg = ReceiverConfig(
         broker=mosquitto.url, client_id="outage-receiver", shared_group="outage",
         keys_dir=tmp_path / "rkeys", db=tmp_path / "r.db", out=tmp_path / "events.jsonl",

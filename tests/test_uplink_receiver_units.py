@@ -18,8 +18,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.uplink.jsonlines import json_line_encoder
-from edge.uplink.receiver_config import load_receiver_config
+from cloud.config import load_receiver_config
+from cloud.jsonlines import json_line_encoder
 
 
 def test_absolute_paths_are_kept_and_relative_ones_resolved(tmp_path: Path) -> None:
@@ -48,11 +48,10 @@ def test_absolute_paths_are_kept_and_relative_ones_resolved(tmp_path: Path) -> N
 
 
 def test_unset_optional_paths_stay_unset(tmp_path: Path) -> None:
-    """No cloud key and no TLS files configured: they stay None (acks unsigned, no client cert)."""
+    """No TLS files configured: they stay None (no client cert)."""
     conf = tmp_path / "receiver.yaml"
-    conf.write_text("broker: mqtt://127.0.0.1:1883\n")
+    conf.write_text("broker: mqtt://127.0.0.1:1883\ncloud_key: cloud.key\n")
     cfg = load_receiver_config(conf)
-    assert cfg.cloud_key is None
     assert (cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.key_file) == (None, None, None)
     assert cfg.db == tmp_path / "receiver.db"
 

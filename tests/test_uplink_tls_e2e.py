@@ -25,12 +25,13 @@ from support.certs import CertPaths
 from support.mosquitto import Mosquitto
 from uplink_e2e import EDGE, ROOT, capture, check_chain, eventually, received_ids
 
+from cloud.config import ReceiverConfig
+from cloud.identity import register_key
+from cloud.receiver import Receiver
 from edge.clock import SystemClock
 from edge.config import Config, Tls
 from edge.privacy.keys import KeyStore
 from edge.supervisor import Supervisor
-from edge.uplink.receiver import Receiver
-from edge.uplink.receiver_config import ReceiverConfig
 from edge.uplink.service import Uplink, uplink_component
 
 pytestmark = pytest.mark.mosquitto
@@ -75,7 +76,7 @@ async def test_tls_with_client_certificates_delivers_everything_once_verified(
     keys = KeyStore(cfg.paths.keys_dir, clock)
     keys.init()
     (tmp_path / "rkeys").mkdir()
-    (tmp_path / "rkeys" / f"{DEVICE}.pub").write_text(keys.public_key().hex())
+    register_key(tmp_path / "rkeys", ("acme", "s001", DEVICE), keys.public_key().hex())
     rcfg = ReceiverConfig(
         broker=mosquitto_tls.tls_url, tls=Tls.model_validate(tls), client_id="tls-receiver",
         keys_dir=tmp_path / "rkeys", db=tmp_path / "r.db", out=tmp_path / "events.jsonl",

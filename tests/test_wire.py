@@ -1,6 +1,6 @@
 """uplink-v1 wire format: golden bytes, tamper detection, malformed input, acks, offline verify.
 
-Wire constants are literals here, written from the spec, independent of edge.uplink.wire.
+Wire constants are literals here, written from the spec, independent of edge.wire.uplink.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 
 from edge.errors import WireError
 from edge.uplink.verify import verify_files
-from edge.uplink.wire import (
+from edge.wire.uplink import (
     MAX_BODY,
     Ack,
     Batch,
+    Limits,
     array_header,
     batch_filter,
     batch_topic,
@@ -32,7 +33,6 @@ from edge.uplink.wire import (
     parse_ack,
     parse_batch,
     parse_topic,
-    salvage_ack_ids,
     seal_batch,
     verify_ack,
     verify_batch,
@@ -123,8 +123,9 @@ def hand_built(
 
 
 def reason_of(payload: bytes, *, topic: tuple[str, str, str] | None = IDS, max_body: int = MAX_BODY) -> str:
+    limits = Limits(max_body=max_body)
     try:
-        verify_batch(parse_batch(payload), keys=KEYS, topic_ids=topic, max_body=max_body)
+        verify_batch(parse_batch(payload, limits=limits), keys=KEYS, topic_ids=topic, limits=limits)
     except WireError as exc:
         return exc.reason
     return "ok"
@@ -345,17 +346,42 @@ def test_zlib_bomb_is_malformed_not_a_memory_blowup() -> None:
 
 def test_oversized_payload_is_malformed() -> None:
     with pytest.raises(WireError) as exc:
-        parse_batch(GOLDEN_PAYLOAD, max_size=len(GOLDEN_PAYLOAD) - 1)
+        parse_batch(GOLDEN_PAYLOAD, limits=Limits(max_payload=len(GOLDEN_PAYLOAD) - 1))
     assert exc.value.reason == "malformed"
 
 
-def test_salvage_recovers_seq_and_hh_of_a_malformed_batch() -> None:
-    """A rejection can be acked (seq, hh) even when the header fails validation."""
-    payload = hand_built({"sync": 1})
-    h = msgpack.unpackb(payload, raw=False)["h"]
-    assert salvage_ack_ids(payload) == (7, hashlib.sha256(h).digest())
-    assert salvage_ack_ids(b"\xc1") is None
-    assert salvage_ack_ids(msgpack.packb({"h": b"\x80"})) is None
+def test_default_limits_are_four_default_batches() -> None:
+    """1 MiB payload and body (4 x the device's 256 KiB batch.max_bytes), 1000 events per body."""
+    assert (Limits().max_payload, Limits().max_body, Limits().max_events) == (1048576, 1048576, 1000)
+    derived = Limits.for_batches(max_events=5000, max_bytes=1048576)
+    assert (derived.max_payload, derived.max_body, derived.max_events) == (4 * 1048576 + 4096, 4194304, 5000)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xdd\x00\x98\x96\x80" + b"\x90" * 100_000,  # array 32 announcing 10 million empty arrays
+        b"\xdf\x00\x98\x96\x80" + b"\x90\x90" * 1000,  # map 32 announcing 10 million entries
+        msgpack.packb({"v": 1, "h": b"\xdd\x00\x98\x96\x80" + b"\x90" * 1000, "b": b"", "s": bytes(64)}),
+        msgpack.packb({"v": 1, "h": b"\x81\xa1x" + b"\xc5\xff\xff", "b": b"", "s": bytes(64)}),
+    ],
+    ids=["array-of-arrays", "huge-map", "header-array", "header-bin"],
+)
+def test_announced_lengths_beyond_the_limits_are_malformed_before_allocation(payload: bytes) -> None:
+    """Container and bin lengths are capped by the unpacker itself, so a payload announcing millions
+    of entries is refused as malformed instead of being materialized."""
+    with pytest.raises(WireError) as exc:
+        parse_batch(payload)
+    assert exc.value.reason == "malformed"
+
+
+def test_body_with_more_events_than_the_limit_is_malformed() -> None:
+    payload = hand_built({})
+    assert reason_of(payload) == "ok"
+    limits = Limits(max_events=1)
+    with pytest.raises(WireError) as exc:
+        verify_batch(parse_batch(payload, limits=limits), keys=KEYS, topic_ids=IDS, limits=limits)
+    assert exc.value.reason == "malformed"
 
 
 # ------------------------------------------------------------------------------- fuzz
@@ -379,10 +405,9 @@ def _mutate(data: bytes, ops: list[tuple[int, int, int]]) -> bytes:
 
 
 def _parse_and_verify(payload: bytes) -> None:
-    """Only WireError with a spec reason may escape; salvage never raises at all."""
+    """Only WireError with a spec reason may escape."""
     reasons = {"ok", "malformed", "unknown-key", "bad-signature", "bad-body-hash", "topic-mismatch"}
     assert reason_of(payload) in reasons
-    salvage_ack_ids(payload)
 
 
 def _ack_or_reason(data: bytes) -> Ack | str:
@@ -541,7 +566,7 @@ def test_seal_refuses_arguments_a_receiver_must_reject(changes: dict[str, Any]) 
 
 def _write_keys(folder: Path, *keys: Ed25519PrivateKey) -> Path:
     folder.mkdir()
-    from edge.uplink.wire import public_raw
+    from edge.wire.uplink import public_raw
 
     for i, k in enumerate(keys):
         (folder / f"device-{i}.pub").write_text(public_raw(k.public_key()).hex() + "\n")

@@ -144,7 +144,7 @@ def receiver_yaml(path: Path, *, broker: str, keys_dir: Path, cloud_key: Path | 
 
 _RECEIVER_MAIN = (
     "import asyncio, sys; from edge.logs import configure_logging; "
-    "from edge.uplink.receiver import receive_main; configure_logging('info', 'json'); "
+    "from cloud.receiver import receive_main; configure_logging('info', 'json'); "
     "sys.exit(asyncio.run(receive_main(sys.argv[1])))"
 )
 

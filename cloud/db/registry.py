@@ -14,7 +14,7 @@ import psycopg
 
 from cloud.cluster.natsconf import check_id
 from cloud.db.errors import DbError
-from edge.uplink.wire import kid_of
+from edge.wire.uplink import kid_of
 
 _SELECT = "SELECT kid, public_key, tenant, store, device, state, created_at, revoked_at FROM devices"
 _RETURNING = " RETURNING kid, public_key, tenant, store, device, state, created_at, revoked_at"

@@ -1,2 +1,3 @@
-"""The uplink: uplink-v1 wire format (`wire`), offline verification (`verify`) and the
-reference receiver (`receiver`). Import the submodule you need; this package imports nothing."""
+"""The device's uplink: batching, connection, discovery, the uplink service, offline verification
+(`verify`). The wire format is edge/wire/uplink.py; the receiver lives in cloud/. Import the
+submodule you need; this package imports nothing."""

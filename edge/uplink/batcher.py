@@ -1,4 +1,4 @@
-"""Seals batches from the buffer exactly per uplink-v1 (edge/uplink/wire.py does the bytes).
+"""Seals batches from the buffer exactly per uplink-v1 (edge/wire/uplink.py does the bytes).
 
 A batch is sealed (seq, header, signature fixed) and stored durably, in the same SQLite
 transaction that removes its events from the unsent backlog, before it is first published;
@@ -24,7 +24,7 @@ from edge.buffer import Buffer, SealedBatch, StoredEvent
 from edge.clock import Clock
 from edge.config import Config
 from edge.privacy.keys import KeyStore
-from edge.uplink.wire import seal_batch
+from edge.wire.uplink import seal_batch
 
 FAST_LEVEL = 1  # zlib level on an unmetered link
 METERED_LEVEL = 6  # zlib level when uplink.bandwidth is set

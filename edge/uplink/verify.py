@@ -26,7 +26,7 @@ from typing import TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.errors import KeyError_, WireError
-from edge.uplink.wire import ID_RE, MAX_BODY, MAX_PAYLOAD, Batch, kid_of, parse_batch, verify_batch
+from edge.wire.uplink import ID_RE, Batch, Limits, kid_of, parse_batch, verify_batch
 
 
 def read_public_key(path: Path) -> tuple[str, Ed25519PublicKey]:
@@ -108,10 +108,13 @@ def verify_files(
     *,
     out: TextIO | None = None,
     err: TextIO | None = None,
-    max_payload: int = MAX_PAYLOAD,
-    max_body: int = MAX_BODY,
+    limits: Limits | None = None,
 ) -> int:
-    """Verify captured payloads offline; prints one line per file; returns the exit code."""
+    """Verify captured payloads offline; prints one line per file; returns the exit code.
+
+    `limits` default to the largest batch any device configuration can make (a capture is
+    trusted more than the network)."""
+    limits = limits if limits is not None else Limits.largest()
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     if not paths:
@@ -133,8 +136,8 @@ def verify_files(
         try:
             payload = Path(name).read_bytes()
             ids = _sidecar_ids(Path(name))
-            batch = parse_batch(payload, max_size=max_payload)
-            verify_batch(batch, keys=keys, topic_ids=ids, max_body=max_body)
+            batch = parse_batch(payload, limits=limits)
+            verify_batch(batch, keys=keys, topic_ids=ids, limits=limits)
         except OSError as exc:
             io_problem = True
             r.line = f"FAIL {name}  io: {exc.strerror or exc}"

@@ -1,0 +1,118 @@
+"""Chain and dedupe: where a verified batch goes in its device's chain, or why it does not.
+
+Design. uplink-v1 deduplicates on (tenant, store, device, seq) and checks `prev` against a held
+`seq - 1`; gaps and resets are reported, not rejected. The receiver keeps chains in *epochs*: a
+seq 1 arriving when the current epoch already holds a different seq 1, or higher seqs, opens a
+new epoch (a reset: the device lost its state), unless a held seq 2 links to it (the genuine
+first batch, late). An exact resend (same seq and hh) from any epoch is a duplicate.
+
+Links. A held batch is *linked* when it is anchored to its epoch's seq 1 through held batches
+(seq 1 itself, or `prev` = hh of a linked `seq - 1`); batches after a gap are unlinked until the
+gap fills, and filling it relinks them forward. Only linked batches are proof of the chain:
+
+- a batch whose held `seq - 1` is linked and does not match its prev: `chain-broken` (the spec);
+- a different batch for a seq whose held batch is linked: `chain-broken` (a fork: the device
+  promised never to reuse a seq; acking it ok would claim we stored what we did not);
+- the same conflicts against an UNLINKED held batch are ambiguous: either one may be an old-epoch
+  batch replayed after a reset (genuine, signed, never stored, and now in the wrong chain). The
+  newcomer is then `deferred`: no ack, the device resends later, and by then the gap has
+  usually filled and settled it;
+- a newcomer that links (to a linked `seq - 1`) displaces an unlinked held batch at its seq and
+  any unlinked successor that does not continue it: those are *detached* (kept, deduplicated,
+  out of the chain), so an old-epoch replay can no longer make the device's genuine batch
+  `chain-broken`.
+
+`decide` reads through the transaction (so batches of the same group are seen) and returns a
+`Decision`; the core applies it. Pure logic otherwise: no I/O of its own, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cloud.store import DeviceState, Ids, StoredBatch, StoreTxn
+from edge.wire.uplink import Batch
+
+Verdict = Literal["accepted", "duplicate", "chain-broken", "deferred"]
+_MAX_CASCADE = 100_000  # bound on the forward walk (relink/detach); a device's window is far smaller
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    verdict: Verdict
+    epoch: int = 0
+    highest: int = 0
+    linked: bool = False
+    reset: bool = False
+    gap: tuple[int, int] | None = None  # (missing_from, missing_to) when this batch jumps ahead
+    detach: tuple[tuple[int, bytes], ...] = ()  # (seq, hh) moved out of the epoch
+    relink: tuple[tuple[int, bytes], ...] = ()  # (seq, hh) of held successors now linked
+    detail: str = ""
+
+
+def _live(rows: list[StoredBatch], epoch: int) -> StoredBatch | None:
+    return next((r for r in rows if r.epoch == epoch and not r.detached), None)
+
+
+def is_duplicate(txn: StoreTxn, ids: Ids, seq: int, hh: bytes) -> bool:
+    """This exact batch (identity, seq, hh) is already stored, in any epoch."""
+    return any(r.hh == hh for r in txn.at_seq(ids, seq))
+
+
+def decide(txn: StoreTxn, b: Batch) -> Decision:  # noqa: PLR0911, PLR0912 - one return per rule of the module doc
+    ids = b.ids
+    rows = txn.at_seq(ids, b.seq)
+    if any(r.hh == b.hh for r in rows):
+        return Decision("duplicate")
+    state = txn.device(ids) or DeviceState(epoch=1, highest=0)
+    epoch, highest = state.epoch, state.highest
+    current = _live(rows, epoch)
+    if b.seq == 1:
+        nxt = _live(txn.at_seq(ids, 2), epoch)
+        late_first = current is None and nxt is not None and nxt.prev == b.hh
+        if current is not None or (highest > 1 and not late_first):
+            return Decision("accepted", epoch=epoch + 1, highest=1, linked=True, reset=True)
+        return Decision("accepted", epoch=epoch, highest=max(highest, 1), linked=True,
+                        relink=_forward(txn, ids, 1, b.hh, epoch, mode="relink"))  # fmt: skip
+    pred = _live(txn.at_seq(ids, b.seq - 1), epoch)
+    fits = pred is not None and pred.hh == b.prev
+    if pred is not None and not fits:
+        if pred.linked:
+            return Decision("chain-broken", detail=f"prev does not match the held seq {b.seq - 1}")
+        return Decision("deferred", detail=f"prev does not match the held, unlinked seq {b.seq - 1}")
+    linked = fits and pred is not None and pred.linked
+    detach: list[tuple[int, bytes]] = []
+    if current is not None:
+        if current.linked:
+            return Decision("chain-broken", detail=f"a different batch with seq {b.seq} is held")
+        if not linked:
+            return Decision("deferred", detail=f"an unlinked, different batch with seq {b.seq} is held")
+        detach += [(b.seq, current.hh), *_forward(txn, ids, b.seq, current.hh, epoch, mode="detach")]
+    succ = _live(txn.at_seq(ids, b.seq + 1), epoch)
+    relink: tuple[tuple[int, bytes], ...] = ()
+    if succ is not None and (b.seq + 1, succ.hh) not in detach:
+        if succ.prev == b.hh:
+            if linked:
+                relink = _forward(txn, ids, b.seq, b.hh, epoch, mode="relink")
+        elif linked:
+            detach += [(b.seq + 1, succ.hh), *_forward(txn, ids, b.seq + 1, succ.hh, epoch, mode="detach")]
+        else:
+            return Decision("deferred", detail=f"the held seq {b.seq + 1} does not continue this batch")
+    gap = (highest + 1, b.seq - 1) if highest and b.seq > highest + 1 else None
+    return Decision("accepted", epoch=epoch, highest=max(highest, b.seq), linked=linked, gap=gap,
+                    detach=tuple(detach), relink=relink)  # fmt: skip
+
+
+def _forward(
+    txn: StoreTxn, ids: Ids, seq: int, hh: bytes, epoch: int, *, mode: Literal["relink", "detach"]
+) -> tuple[tuple[int, bytes], ...]:
+    """The held run after (seq, hh) that continues it: successors whose prev links one to the next."""
+    out: list[tuple[int, bytes]] = []
+    for _ in range(_MAX_CASCADE):
+        nxt = _live(txn.at_seq(ids, seq + 1), epoch)
+        if nxt is None or nxt.prev != hh or (mode == "relink" and nxt.linked):
+            break
+        seq, hh = seq + 1, nxt.hh
+        out.append((seq, hh))
+    return tuple(out)

@@ -1,0 +1,1 @@
+"""`edge-cloud` subcommand groups, one module each, each with `register(subparsers)` (cloud/cli.py)."""

@@ -1,0 +1,167 @@
+"""The ingest core without a broker: groups of messages straight into `Receiver.process`.
+
+Covers the chain rules of cloud/chain.py that need exact ordering (old-epoch replays after a
+device reset), the commit-before-ack rule, and the Store seam as the SQLite store implements it.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_receiver import CLOUD, Device, cloud_key_file
+
+from cloud.config import ReceiverConfig
+from cloud.receiver import Receiver
+from cloud.sqlite_store import SqliteStore
+from cloud.transport import Inbound
+from edge.clock import FakeClock
+from edge.wire.uplink import Ack, parse_ack, verify_ack
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Receiver:
+    (tmp_path / "keys").mkdir()
+    cfg = ReceiverConfig(broker="mqtt://127.0.0.1:1", keys_dir=tmp_path / "keys", db=tmp_path / "r.db",
+                         out=tmp_path / "events.jsonl", cloud_key=cloud_key_file(tmp_path))  # fmt: skip
+    return Receiver(cfg, clock=FakeClock())
+
+
+def send(r: Receiver, dev: Device, *batches: tuple[int, bytes, bytes]) -> list[Ack]:
+    result = r.process([Inbound(dev.topic, payload) for _, _, payload in batches])
+    acks = [parse_ack(a.payload) for a in result.acks]
+    assert all(verify_ack(a, tenant="acme", store="s001", device=dev.ids[2], cloud_key=CLOUD.public_key())
+               for a in acks)  # fmt: skip
+    return acks
+
+
+def test_old_epoch_replay_after_a_reset_does_not_break_the_new_chain(tmp_path: Path, receiver: Receiver) -> None:
+    """Epoch 1 stored 1..3; its batches 5 and 6 were in flight and never stored. The device resets
+    (seq 1 again). An attacker replays old 5 and 6 into the new epoch before the genuine 4..6:
+    they are stored (genuine data) but detached once the genuine 4 links, and the genuine 5 and 6
+    are accepted, never chain-broken."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        old = [dev.seal(tag="old") for _ in range(6)]
+        assert all(a.ok for a in send(receiver, dev, *old[:3]))
+        dev.restart_from_scratch()
+        new = [dev.seal(tag="new") for _ in range(6)]
+        assert all(a.ok for a in send(receiver, dev, *new[:3]))
+        assert receiver.stats.resets == 1
+        replayed = send(receiver, dev, old[4], old[5])  # a gap in the new epoch: stored for now
+        assert [a.ok for a in replayed] == [True, True]
+        acks = send(receiver, dev, *new[3:])
+        assert [(a.seq, a.ok, a.err) for a in acks] == [(4, True, None), (5, True, None), (6, True, None)]
+        assert receiver.stats.rejected == {}
+        assert receiver.stats.detached == 2
+    finally:
+        receiver.close()
+
+
+def test_ambiguous_conflict_is_deferred_unanswered_then_settled_by_the_gap_filling(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """New epoch holds 1..2 and a replayed old 4; the genuine 4 arrives before the genuine 3: neither
+    4 links, so the genuine one gets no ack (deferred); once 3 arrives the old 4 is detached and the
+    device's resend of 4 is accepted."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        old = [dev.seal(tag="old") for _ in range(4)]
+        assert all(a.ok for a in send(receiver, dev, old[0]))
+        dev.restart_from_scratch()
+        new = [dev.seal(tag="new") for _ in range(4)]
+        assert all(a.ok for a in send(receiver, dev, new[0], new[1]))
+        assert send(receiver, dev, old[3])[0].ok
+        assert send(receiver, dev, new[3]) == []  # deferred: no ack
+        assert receiver.stats.deferred == 1
+        assert send(receiver, dev, new[2])[0].ok
+        again = send(receiver, dev, new[3])
+        assert [(a.seq, a.ok) for a in again] == [(4, True)]
+        assert receiver.stats.rejected == {}
+    finally:
+        receiver.close()
+
+
+def test_a_fork_of_a_linked_chain_is_still_chain_broken(tmp_path: Path, receiver: Receiver) -> None:
+    """Two signed batches for one seq of a linked chain: the second is chain-broken (uplink-v1)."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        s1 = dev.seal()
+        s2 = dev.seal()
+        assert all(a.ok for a in send(receiver, dev, s1, s2))
+        _, _, fork = dev.seal(seq=2, prev=s1[1], tag="fork")
+        (ack,) = send(receiver, dev, (2, b"", fork))
+        assert (ack.ok, ack.err) == (False, "chain-broken")
+    finally:
+        receiver.close()
+
+
+class FailingCommit(SqliteStore):
+    """A SQLite store whose commit fails (as on a full disk), injected through the Store seam."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with super().transaction() as txn:
+            yield txn
+            raise OSError(28, "No space left on device")
+
+
+def test_no_ok_ack_claims_data_when_the_commit_fails(tmp_path: Path) -> None:
+    """The commit fails: the batch accepted in that group gets no ack, nor does a duplicate of it in
+    the same group (it was never stored); a batch stored earlier is still answered ok; the group is
+    reported uncommitted (a JetStream transport would not ack it)."""
+    (tmp_path / "keys").mkdir()
+    cfg = ReceiverConfig(broker="mqtt://127.0.0.1:1", keys_dir=tmp_path / "keys", db=tmp_path / "r.db",
+                         out=tmp_path / "events.jsonl", cloud_key=cloud_key_file(tmp_path))  # fmt: skip
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    b1, b2 = dev.seal(), dev.seal()
+    good = Receiver(cfg, clock=FakeClock())
+    good.open()
+    assert send(good, dev, b1)[0].ok
+    good.close()
+    failing = Receiver(cfg, clock=FakeClock(), store=FailingCommit(cfg.db, cfg.out))
+    failing.open()
+    try:
+        result = failing.process([Inbound(dev.topic, b2[2]), Inbound(dev.topic, b2[2]), Inbound(dev.topic, b1[2])])
+        assert result.committed is False
+        assert [(parse_ack(a.payload).seq, parse_ack(a.payload).ok) for a in result.acks] == [(1, True)]
+    finally:
+        failing.close()
+    assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 3  # b1's events only
+
+
+def test_amplifying_payload_costs_little_memory_and_is_not_answered(tmp_path: Path, receiver: Receiver) -> None:
+    """10 MB of empty MessagePack arrays (behind an array-32 header, and bare) is refused unread
+    above max_payload, and within it by the unpacker's container limits: the core's peak allocation
+    stays a small multiple of what it was handed, nothing is answered, and the genuine batch in the
+    same group is stored and acked."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        bomb = b"\xdd\x00\x98\x96\x80" + b"\x90" * 10_000_000
+        small_bomb = b"\xdd\x00\x0f\xff\xff" + b"\x90" * 1_000_000  # just under the 1 MiB default
+        genuine = dev.seal()
+        tracemalloc.start()
+        try:
+            result = receiver.process([Inbound(dev.topic, bomb), Inbound(dev.topic, small_bomb),
+                                       Inbound(dev.topic, genuine[2])])  # fmt: skip
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert [parse_ack(a.payload).seq for a in result.acks] == [1]
+        assert receiver.stats.unauthenticated == 2
+        assert peak < 8 * 1024 * 1024, peak  # the old receiver built ~1.4 GiB of lists from this
+    finally:
+        receiver.close()
