@@ -66,16 +66,19 @@ CREATE TABLE batches (
     hh          sha256 NOT NULL,   -- SHA-256 of the header bytes: what acks and the next prev name
     prev        sha256 NOT NULL,
     kid         text NOT NULL,
+    linked      boolean NOT NULL,  -- anchored to its epoch's seq 1 through held batches
+    detached    boolean NOT NULL DEFAULT false,  -- moved out of its epoch's chain (kept, deduplicated)
     n           integer NOT NULL CHECK (n >= 1),
     first_id    bigint NOT NULL,
     last_id     bigint NOT NULL,
     sealed_ms   bigint NOT NULL,   -- header "t" (device clock)
     synced      boolean NOT NULL,  -- header "sync"
     received_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant, store, device, epoch, seq)
+    -- dedupe: an exact resend (same seq, same header hash) of a batch from any epoch is a duplicate
+    PRIMARY KEY (tenant, store, device, seq, hh)
 );
--- an exact resend of a batch from any epoch is a duplicate: found by its header hash
-CREATE INDEX batches_hh ON batches (tenant, store, device, hh);
+-- the chain: one live batch per (epoch, seq); a detached one (an old-epoch replay) steps aside
+CREATE UNIQUE INDEX batches_epoch_seq ON batches (tenant, store, device, epoch, seq) WHERE NOT detached;
 
 CREATE TABLE events (
     tenant      edge_id NOT NULL,
@@ -161,12 +164,12 @@ BEGIN
     RETURN dropped;
 END $$;
 
--- Quarantine. Nothing here is trusted: every text is length-bounded, and only the first 64 KiB
+-- Quarantine. Nothing here is trusted: every text is length-bounded, and at most the first 64 KiB
 -- of a payload are kept (its size and SHA-256 identify the whole).
 CREATE TABLE rejected_batches (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     received_at    timestamptz NOT NULL DEFAULT now(),
-    topic          text NOT NULL CHECK (octet_length(topic) <= 512),
+    topic          text CHECK (octet_length(topic) <= 512),
     tenant         text CHECK (octet_length(tenant) <= 63),
     store          text CHECK (octet_length(store) <= 63),
     device         text CHECK (octet_length(device) <= 63),
@@ -174,10 +177,11 @@ CREATE TABLE rejected_batches (
     hh             bytea CHECK (octet_length(hh) = 32),
     kid            text CHECK (octet_length(kid) <= 64),
     reason         text NOT NULL CHECK (reason ~ '^[a-z][a-z-]{0,31}$'),
+    authenticated  boolean NOT NULL,  -- signature and body hash verified (the core records only these)
     detail         text NOT NULL CHECK (octet_length(detail) <= 1024),
-    size           bigint NOT NULL CHECK (size >= 0),
-    payload_sha256 sha256 NOT NULL,
-    payload_head   bytea NOT NULL CHECK (octet_length(payload_head) <= 65536)
+    size           bigint CHECK (size >= 0),
+    payload_sha256 sha256,
+    payload_head   bytea CHECK (octet_length(payload_head) <= 65536)
 );
 CREATE INDEX rejected_batches_time ON rejected_batches (received_at);
 CREATE INDEX rejected_batches_device ON rejected_batches (tenant, store, device);
