@@ -31,8 +31,9 @@ def test_store_permissions_are_its_own_subtree_only() -> None:
 
 def test_worker_permissions() -> None:
     p = worker_permissions("edge/v1")
-    assert "$JS.API.CONSUMER.MSG.NEXT.EDGE_*.*" in p.publish
-    assert "$JS.ACK.EDGE_*.>" in p.publish
+    assert "$JS.API.CONSUMER.MSG.NEXT.EDGE_BATCHES.*" in p.publish
+    assert "$JS.ACK.EDGE_BATCHES.>" in p.publish
+    assert "$JS.ACK.EDGE_CONTROL.>" in p.publish
     assert "edge.v1.*.*.*.ack" in p.publish
     assert "edge.v1.*.*.*.enrolled" in p.publish
     assert not any(s.endswith(".batch") for s in p.publish)  # a worker never forges uplink

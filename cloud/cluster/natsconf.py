@@ -35,7 +35,9 @@ DEVICE_DOWNLINK_KINDS: Final = ("ack", "enrolled", "desired", "cmd")
 # cloud -> edge layers shared by a store's or a tenant's devices: (store part, device part, kind)
 SHARED_DOWNLINK: Final = (("{store}", "_all", "desired"), ("_all", "_all", "desired"), ("_all", "_all", "consent.*"))
 
-STREAM_PREFIX: Final = "EDGE_"  # every stream the cloud declares is named EDGE_*
+# the streams workers pull from (cloud/cluster/jetstream.py); NATS wildcards match whole tokens
+# only, so each is named (EDGE_* would be a literal)
+WORKER_STREAMS: Final = ("EDGE_BATCHES", "EDGE_CONTROL")
 _LEVEL_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 _ID_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -81,15 +83,14 @@ def store_permissions(prefix: str, tenant: str, store: str) -> Permissions:
 
 
 def worker_permissions(prefix: str) -> Permissions:
-    """An ingest worker: pull and ack on the EDGE_* streams, answer every store's devices."""
+    """An ingest worker: pull and ack on the cloud's streams, answer every store's devices."""
     p = subject_prefix(prefix)
-    s = STREAM_PREFIX + "*"
     publish = (
         "$JS.API.INFO",
-        f"$JS.API.STREAM.INFO.{s}",
-        f"$JS.API.CONSUMER.INFO.{s}.*",
-        f"$JS.API.CONSUMER.MSG.NEXT.{s}.*",
-        f"$JS.ACK.{s}.>",
+        *(f"$JS.API.STREAM.INFO.{s}" for s in WORKER_STREAMS),
+        *(f"$JS.API.CONSUMER.INFO.{s}.*" for s in WORKER_STREAMS),
+        *(f"$JS.API.CONSUMER.MSG.NEXT.{s}.*" for s in WORKER_STREAMS),
+        *(f"$JS.ACK.{s}.>" for s in WORKER_STREAMS),
         *(f"{p}.*.*.*.{kind}" for kind in DEVICE_DOWNLINK_KINDS),
     )
     return Permissions(publish=publish, subscribe=("_INBOX.>",))
