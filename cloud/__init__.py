@@ -4,5 +4,7 @@ One ingest core (cloud/core.py): parse/verify (verify.py) -> identity (identity.
 chain/dedupe (chain.py) -> store (store.py seam; sqlite_store.py) -> signed ack (ack.py),
 delivered by a transport (transport.py seam; mqtt.py). The wire format lives in
 edge/wire/ (shared with the device). `edge-cloud` (cli.py) registers one subcommand group per
-module in cloud/commands/.
+module in cloud/commands/. The distributed engine's infrastructure (NATS cluster, JetStream
+layout, local PostgreSQL) is in cloud/cluster/, the PostgreSQL schema, registry and tokens in
+cloud/db/.
 """

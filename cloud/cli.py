@@ -21,6 +21,8 @@ COMMANDS: tuple[str, ...] = (
     "cloud.commands.receive",
     "cloud.commands.keys",
     "cloud.commands.importer",
+    "cloud.cluster.cli",
+    "cloud.db.cli",
 )
 
 

@@ -13,6 +13,7 @@ if [ "$mode" = test ]; then
   apt_pkgs+=(mosquitto dbus iproute2 util-linux openssl)
   apt_pkgs+=(systemd)  # systemd-analyze verify/security and systemd-sysusers for the unit checks
   apt_pkgs+=(chromium)  # the store page is tested in Debian's headless Chromium (Playwright never downloads one)
+  apt_pkgs+=(postgresql)  # a real PostgreSQL for the cloud tests (they run their own cluster, not the service)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do

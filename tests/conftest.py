@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 from support.certs import CertPaths, make_certs
 from support.mosquitto import Mosquitto, find_mosquitto
+from support.nats import RunningNats, start_cluster
+from support.postgres import fresh_database, running_postgres
+
+from cloud.cluster.postgres import LocalPostgres
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +53,28 @@ def mosquitto_tls(mosquitto_binary: Path, tmp_path: Path, tls_certs: CertPaths) 
     """A running mosquitto with a plain and a TLS listener (`require_certificate true`)."""
     with Mosquitto(tmp_path / "mosquitto-tls", tls=tls_certs, binary=mosquitto_binary) as broker:
         yield broker
+
+
+# -- the cloud side's real peers (support.nats, support.postgres); session-scoped: they start once
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNats]:
+    """A real 3-node NATS cluster (JetStream R3 + MQTT per node) with the cloud's streams, and store
+    users for t-a/s-a and t-a/s-b (see support.nats)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("nats"), stores=[("t-a", "s-a"), ("t-a", "s-b")])
+    yield cluster
+    cluster.nats.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL server (initdb'd once per session, fsync off); see support.postgres."""
+    with running_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def pg_dsn(postgres: LocalPostgres) -> str:
+    """DSN of a fresh, empty database on the session's PostgreSQL."""
+    return fresh_database(postgres)

@@ -1,0 +1,1 @@
+"""The PostgreSQL store of record: schema migrations, the device registry, enrollment tokens."""
