@@ -29,6 +29,7 @@ import structlog
 from edge.clock import Clock
 from edge.errors import DriverError
 from edge.events import IDENT_CLASSES, IdentClass, Reading
+from edge.privacy.cards import gtin_check_digit, gtin_ok, is_card_number, luhn_ok
 
 if TYPE_CHECKING:
     from drivers.ble.adverts import AdvertSource
@@ -341,7 +342,9 @@ def classify_injected(inject: Sequence[str] | None) -> dict[IdentClass, deque[st
     - six hex pairs joined by colons (`AA:BB:...`)     -> ble_address
     - contains `@`                                      -> email
     - starts with `+` (digits, spaces, `()-` follow)    -> phone
-    - 13-19 digits passing the Luhn check               -> card_number
+    - a card number as the card scrub sees one given alone -> card_number
+      (`edge.privacy.cards.is_card_number`: 13-19 digits passing the Luhn check, except a
+      valid EAN-13/GTIN-14 that is no certain card: it stays a product or loyalty code)
     - 6-12 digits                                       -> loyalty_id
     - 8, 14 or 20 hex digits (4/7/10-byte UID)          -> nfc_uid
 
@@ -361,7 +364,7 @@ def classify_injected(inject: Sequence[str] | None) -> dict[IdentClass, deque[st
             out["email"].append(item)
         elif _PHONE_RE.match(item):
             out["phone"].append(item)
-        elif digits and 13 <= len(item) <= 19 and luhn_valid(item):
+        elif digits and item.isascii() and is_card_number(item):
             out["card_number"].append(item)
         elif digits and 6 <= len(item) <= 12:
             out["loyalty_id"].append(item)
@@ -373,37 +376,13 @@ def classify_injected(inject: Sequence[str] | None) -> dict[IdentClass, deque[st
 
 
 def luhn_valid(digits: str) -> bool:
-    """True when `digits` (ASCII digits only) passes the Luhn check."""
-    if not digits or not digits.isascii() or not digits.isdigit():
-        return False
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def luhn_complete(body: str) -> str:
-    """`body` plus the Luhn check digit that makes it valid."""
-    for check in "0123456789":
-        if luhn_valid(body + check):
-            return body + check
-    raise AssertionError("unreachable: one check digit always fits")
-
-
-def gtin_check_digit(body: str) -> str:
-    """The GS1 check digit for a GTIN body (the code without its last digit)."""
-    total = sum((3 if i % 2 == 0 else 1) * (ord(ch) - 48) for i, ch in enumerate(reversed(body)))
-    return str((10 - total % 10) % 10)
+    """True when `digits` is ASCII digits only and passes the Luhn check (`edge.privacy.cards`)."""
+    return bool(digits) and digits.isascii() and digits.isdigit() and luhn_ok(digits)
 
 
 def gtin_valid(code: str) -> bool:
-    """A GTIN-8/12/13/14 with a correct check digit."""
-    if len(code) not in (8, 12, 13, 14) or not code.isascii() or not code.isdigit():
-        return False
-    return gtin_check_digit(code[:-1]) == code[-1]
+    """A GTIN-8/12/13/14 of ASCII digits with a correct check digit (`edge.privacy.cards`)."""
+    return code.isascii() and code.isdigit() and gtin_ok(code)
 
 
 def random_nfc_uid(rng: random.Random, size: int = 7) -> str:

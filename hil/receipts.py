@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from drivers.base import gtin_check_digit, luhn_complete
 from edge.events import IdentClass
+from edge.privacy.cards import gtin_check_digit, luhn_complete
 from hil.scenario import PosReceipt
 
 WIDTH = 42

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from drivers.base import gtin_check_digit, luhn_complete
 from edge.events import IdentClass
+from edge.privacy.cards import gtin_check_digit, luhn_complete
 from hil.peer import APPLIED, Ledger, Outcome, PeerMode, StimulusPeer
 from hil.scenario import (
     Kind,

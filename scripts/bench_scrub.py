@@ -6,14 +6,18 @@ Deterministic (seeded). Three measures, each beside the previous scrub (`edge/pr
 scrub.py` at commit OLD_COMMIT, loaded from git when the repository has it) on a sample:
 
 1. PANs: `--n` valid PANs of every network (`edge.privacy.cards.NETWORKS`, every range,
-   every issued length), each in one printed form (plain, 4-grouped with space, dash or dot,
+   every issued length) and of issuers outside that table (`OUTSIDE`: UzCard, Humo,
+   BORICA, Belkart, China T-Union, fuel/private-label 7..., 35xx outside JCB), each in one
+   printed form (plain, 4-grouped with space, dash or dot,
    Amex 4-6-5, Diners 4-6-4, 19-digit 4-4-4-4-3 / 6-13, double-spaced), inside one context
    (alone, inside text, on a receipt payment line, in magnetic-track and barcode payloads),
    rotating; a miss is a PAN whose digits are still in the output. Target: 0.
 2. GTINs: `--n` valid GTIN-8/12/13/14 with GS1 prefixes drawn by a rough share of codes in
    trade (US/Canada, Germany, France, UK, Japan, China, Italy, ...; GTIN-14 with indicator
    0-9), alone and followed by a quantity after one space, a tab or two spaces (with and
-   without " x <price>"); scrubbed = any card removed. Target: <= 0.1 %.
+   without " x <price>"); scrubbed = any card removed. Target: <= 0.1 %. Beside it, no
+   target: GTIN-13/14 in running text, outside GS1 context, where a Luhn-valid one is
+   scrubbed (privacy first).
 3. Loyalty: `--n` valid EAN-13 loyalty numbers (in-store prefixes 20-29 and the GS1
    prefixes above) as `loyalty_id` identifiers through `CardScrubStage` (where a card given
    as a loyalty number is dropped), a sample also through `PrivacyStage`; and as receipt
@@ -33,12 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from drivers.base import gtin_check_digit, luhn_complete
 from drivers.pos.config import PosLink
 from drivers.pos.receipt import parse_receipt
 from edge.clock import FakeClock
 from edge.events import Ident, Reading
-from edge.privacy.cards import NETWORKS
+from edge.privacy.cards import NETWORKS, gtin_check_digit, luhn_complete
 from edge.privacy.scrub import holds_card, scrub_cards
 from edge.privacy.stage import CardScrubStage
 
@@ -79,7 +82,12 @@ def digits(rng: random.Random, n: int) -> str:
 
 # ------------------------------------------------------------------------- PANs
 
-SHAPES = [(lo, hi, n) for net in NETWORKS for lo, hi in net.ranges for n in sorted(net.lengths)]
+# issuers outside the table (leading digits, inclusive, and a length they issue)
+OUTSIDE = [
+    ("8600", "8600", 16), ("9860", "9860", 16), ("2205", "2205", 16), ("9112", "9112", 16),
+    ("31", "31", 19), ("7", "7", 16), ("7", "7", 19), ("3500", "3527", 16), ("3590", "3599", 16),
+]  # fmt: skip
+SHAPES = [(lo, hi, n) for net in NETWORKS for lo, hi in net.ranges for n in sorted(net.lengths)] + OUTSIDE
 
 
 def random_pan(rng: random.Random) -> str:
@@ -170,6 +178,13 @@ def gtin_losses(scrub: Callable[[str], tuple[str, int]], n: int, seed: int) -> d
     return {k: (v[0], v[1]) for k, v in by_kind.items()}
 
 
+def gtin_text_losses(scrub: Callable[[str], tuple[str, int]], n: int, seed: int) -> tuple[int, int]:
+    """GTIN-13/14 in running text (no GS1 context): no target, a Luhn-valid one is scrubbed."""
+    rng = random.Random(seed)
+    lost = sum(bool(scrub(f"Artikel {random_gtin(rng, 13 + i % 2)} nachbestellt")[1]) for i in range(n))
+    return lost, n
+
+
 # ------------------------------------------------------------------------- loyalty
 
 
@@ -252,13 +267,16 @@ def main() -> None:
     tot = (sum(v[0] for v in new_g.values()), sum(v[1] for v in new_g.values()))
     otot = (sum(v[0] for v in old_g.values()), sum(v[1] for v in old_g.values())) if old_g else None
     print(f"{'GTINs scrubbed, all (target <= 0.1 %)':<44}{pct(*tot):<36}{pct(*otot) if otot else '-'}")
+    k = min(n, 200_000)
+    gt = gtin_text_losses(scrub_cards, k, seed + 4)
+    ogt = gtin_text_losses(old.scrub_cards, min(k, m), seed + 4) if old else None
+    print(f"{'GTIN-13/14 in running text scrubbed (none)':<44}{pct(*gt):<36}{pct(*ogt) if ogt else '-'}")
     lost = stage_drops(n, seed + 2)
     old_lost = loyalty_losses(old.holds_card, m, seed + 2) if old else None
     o = pct(old_lost, m) if old_lost is not None else "-"
     print(f"{'EAN-13 loyalty ids dropped (target <= 0.1 %)':<44}{pct(lost, n):<36}{o}")
     if loyalty_losses(holds_card, m, seed + 2) != stage_drops(m, seed + 2):
         raise SystemExit("CardScrubStage and holds_card disagree")  # the stage drops what holds_card says
-    k = min(n, 200_000)
     r = receipt_drops(scrub_cards, k, seed + 3)
     ro = receipt_drops(old.scrub_cards, min(k, m), seed + 3) if old else None
     print(

@@ -24,6 +24,7 @@ from drivers.pos.sim import PosSim
 from edge.clock import FakeClock, SystemClock
 from edge.config import Ble, Nfc, PosLink, SimRate
 from edge.events import Ident, Reading
+from edge.privacy.scrub import holds_card
 
 MAC = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
 HEX14 = re.compile(r"^04[0-9A-F]{12}$")
@@ -436,3 +437,30 @@ async def test_a_failing_source_degrades_the_ble_driver_and_is_retried() -> None
     assert runs == 2
     assert driver.counters.errors >= 1
     assert driver.degraded_reason in (None, "sim_source_failed")
+
+
+def _luhn_fill(body: str) -> str:
+    return next(body + c for c in "0123456789" if luhn_ok(body + c))
+
+
+def _injected_as_card(value: str) -> bool:
+    try:
+        return value in classify_injected([value])["card_number"]
+    except ValueError:  # no shape of its own (a 13-digit code that is no card)
+        return False
+
+
+def test_injected_bare_digits_are_cards_exactly_when_the_card_scrub_says_so() -> None:
+    """One implementation: `classify_injected` takes a bare digit string as a card number
+    when the card scrub (`holds_card`) does: a card outside the network table (UzCard
+    8600...) is one, a Luhn-valid EAN-13 (a loyalty or product code to the scrubber) is not."""
+    uzcard = _luhn_fill("860012345678901")
+    assert list(classify_injected([uzcard])["card_number"]) == [uzcard]
+    ean13 = "5901234123457"  # valid EAN-13, Luhn-valid
+    assert luhn_ok(ean13)
+    with pytest.raises(ValueError, match="#0"):
+        classify_injected([ean13])
+    rng = random.Random(5)
+    for _ in range(3000):
+        value = _luhn_fill("".join(rng.choices("0123456789", k=rng.randrange(12, 19))))
+        assert _injected_as_card(value) is holds_card(value), value

@@ -72,16 +72,21 @@ def test_every_network_range_and_issued_length_is_a_certain_card(network: str, p
         ("4", 17, DOUBTFUL),
         ("6", 13, DOUBTFUL),  # 13-digit Maestro: allowed by the scheme
         ("54", 13, DOUBTFUL),  # Mastercard issues 16 only
-        ("2219", 16, NOT_A_CARD),  # between Mir and Mastercard's 2-series
-        ("2721", 16, NOT_A_CARD),
-        ("33", 16, NOT_A_CARD),
-        ("3527", 16, NOT_A_CARD),
-        ("7", 16, NOT_A_CARD),
-        ("0", 16, NOT_A_CARD),
-        ("9791", 16, NOT_A_CARD),
+        # outside the table's ranges: doubtful too (privacy first, the table is not every issuer)
+        ("2219", 16, DOUBTFUL),  # between Mir and Mastercard's 2-series
+        ("2721", 16, DOUBTFUL),
+        ("33", 16, DOUBTFUL),
+        ("3527", 16, DOUBTFUL),
+        ("7", 16, DOUBTFUL),
+        ("0", 16, DOUBTFUL),
+        ("9791", 16, DOUBTFUL),
+        ("0", 13, DOUBTFUL),
+        ("9", 14, DOUBTFUL),
+        ("4", 12, NOT_A_CARD),  # shorter than 13 and longer than 19 digits: no card scanned for
+        ("4", 20, NOT_A_CARD),
     ],
 )
-def test_lengths_a_network_does_not_issue_are_doubtful_and_other_ranges_no_cards(
+def test_lengths_a_network_does_not_issue_and_ranges_outside_the_table_are_doubtful(
     prefix: str, length: int, kind: int
 ) -> None:
     assert card_kind(pan(prefix, length)) == kind
@@ -274,3 +279,87 @@ def test_gtin_fields_in_data_keep_their_codes() -> None:
     r = Reading("nfc", "nfc.tap", 1, data)
     assert stage(r) is r
     assert stage.cards_removed == 0
+
+
+# -- issuers outside the table (privacy first: at least doubtful, never a loyalty number) --
+
+OUTSIDE_TABLE = [
+    ("uzcard", "8600", 16),
+    ("humo", "9860", 16),
+    ("borica", "2205", 16),
+    ("belkart", "9112", 16),
+    ("china t-union", "31", 19),
+    ("fuel / private label", "7", 16),
+    ("fuel / private label", "7", 19),
+    ("35xx below jcb", "3500", 16),
+    ("35xx above jcb", "3590", 16),
+]
+
+
+def spaced(number: str) -> str:
+    return " ".join(number[i : i + 4] for i in range(0, len(number), 4))
+
+
+@pytest.mark.parametrize(("issuer", "prefix", "length"), OUTSIDE_TABLE)
+def test_cards_of_issuers_outside_the_table_are_scrubbed_plain_spaced_and_in_text(
+    issuer: str, prefix: str, length: int
+) -> None:
+    """The review's regression: a Luhn-valid 15-19-digit number is a card whatever its range."""
+    number = pan(prefix, length)
+    assert len(number) == length
+    assert card_kind(number) == DOUBTFUL, issuer
+    assert scrub_cards(number) == ("[card]", 1)
+    assert scrub_cards(spaced(number)) == ("[card]", 1)
+    assert scrub_cards(f"Karte {number} ok") == ("Karte [card] ok", 1)
+    assert scrub_cards(f"paid with {spaced(number)}, thank you") == ("paid with [card], thank you", 1)
+    # GS1 labels and item-line shapes do not save it: no GTIN has 15-19 digits
+    assert scrub_cards(f"EAN: {number}") == ("EAN: [card]", 1)
+    assert scrub_cards(f"Loyalty: {number}") == ("Loyalty: [card]", 1)
+    assert scrub_cards(f"{number} 1 x 1.25") == ("[card] 1 x 1.25", 1)
+    assert holds_card(number)
+    assert holds_card(spaced(number))
+
+
+@pytest.mark.parametrize(("issuer", "prefix", "length"), OUTSIDE_TABLE)
+def test_a_card_outside_the_table_given_as_loyalty_number_is_dropped_not_pseudonymized(
+    issuer: str, prefix: str, length: int, tmp_path: Path
+) -> None:
+    """A hashed card number must never be stored: the card stage drops the identifier."""
+    keys = KeyStore(tmp_path / "keys", FakeClock())
+    keys.init()
+    number = pan(prefix, length)
+    cards = CardScrubStage()
+    privacy = PrivacyStage(Pseudonymizer(Privacy(), keys, None))
+    for raw in (number, spaced(number)):
+        out = privacy(cards(Reading("pos", "pos.receipt", 1, {}, {"loyalty": Ident("loyalty_id", raw)})))
+        assert "loyalty" not in out.data, issuer
+    assert cards.cards_removed == 2
+    assert privacy.dropped["loyalty_id"] == 0  # never reached the pseudonymizer
+
+
+@pytest.mark.parametrize(("prefix", "length"), [("0", 13), ("7", 13), ("8", 13), ("9", 14), ("0", 14)])
+def test_13_and_14_digit_numbers_outside_the_table_are_scrubbed_unless_gtins_in_gs1_context(
+    prefix: str, length: int
+) -> None:
+    """Luhn-valid 13/14 digits outside every range: a valid GTIN keeps its product and
+    loyalty positions; anything else (free text, or not a valid GTIN) is a card."""
+    both = next(x for x in (luhn(f"{prefix}{i:0{length - 2}d}") for i in range(1000)) if gtin_ok(x))
+    card_only = next(x for x in (luhn(f"{prefix}{i:0{length - 2}d}") for i in range(1000)) if not gtin_ok(x))
+    assert card_kind(both) == card_kind(card_only) == DOUBTFUL
+    for kept in (both, f"{both} 2 x 1.49", f"EAN: {both}", f"Loyalty: {both}"):
+        assert scrub_cards(kept) == (kept, 0), kept
+    assert not holds_card(both)  # an EAN-13 / GTIN-14 loyalty number stays pseudonymizable
+    for text in (f"Karte {both} ok", f"ref {card_only} ok"):
+        assert scrub_cards(text)[1] == 1, text
+    for text in (card_only, f"{card_only} 2 x 1.49", f"EAN: {card_only}", f"Loyalty: {card_only}"):
+        assert scrub_cards(text)[1] == 1, text
+    assert holds_card(card_only)
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(body=st.text(alphabet="0123456789", min_size=14, max_size=18))
+def test_every_luhn_valid_15_to_19_digit_number_is_a_card_wherever_it_stands(body: str) -> None:
+    number = luhn(body)
+    assert holds_card(number)
+    for text in (number, f"EAN {number}", f"{number}  2", f"x {number} y"):
+        assert scrub_cards(text)[1] == 1, text

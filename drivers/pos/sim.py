@@ -39,7 +39,6 @@ from drivers.base import (
     Sleep,
     classify_injected,
     customer_pool,
-    luhn_complete,
     store_catalogue,
 )
 from drivers.pos.config import PosLink
@@ -47,6 +46,7 @@ from drivers.pos.framing import lrc
 from drivers.pos.link import LinkDecoder
 from edge.clock import Clock
 from edge.events import Reading
+from edge.privacy.cards import luhn_complete
 
 WIDTH = 42
 _P_LOYALTY = 0.4

@@ -3,12 +3,15 @@
 Card numbers (PANs) per ISO/IEC 7812: an issuer range (IIN/BIN, the leading digits), a
 length the network issues, a Luhn check digit. `card_kind` sorts a Luhn-valid digit string:
 
-- `CERTAIN`: in a network's range, at a length that network issues (below);
-- `DOUBTFUL`: in a network's range, 13-19 digits, at a length it does not issue (13-digit
-  Visa, retired; 13-15-digit Maestro, allowed by the scheme, seldom seen; a 17-digit
-  Visa-range number). The scrubber treats these as cards in free text and as products
-  where GS1 context says product (see `edge.privacy.scrub`, docs/privacy.md);
-- `NOT_A_CARD`: no network issues numbers starting so (0..., 7..., 9 outside Troy, ...).
+- `CERTAIN`: in a network's range of the table below, at a length that network issues;
+- `DOUBTFUL`: any other 13-19 digits, whatever the range. Privacy first: the table is not
+  every issuer there is (UzCard 8600, Humo 9860, BORICA 2205, Belkart 9112, China T-Union
+  31, fuel and private-label cards 7..., ...), so a range outside it proves nothing. The
+  scrubber treats a doubtful number as a card everywhere, except a valid GTIN-13/14 where
+  GS1 context says product or EAN-13 loyalty number (see `edge.privacy.scrub`,
+  docs/privacy.md). No GTIN has 15-19 digits, so a doubtful 15-19-digit number is always a
+  card; of GTIN lengths the table only makes 14-digit Diners Club numbers certain;
+- `NOT_A_CARD`: shorter than 13 or longer than 19 digits.
 
     network        ranges (leading digits)                      issued lengths
     Visa           4                                            16, 19
@@ -119,10 +122,17 @@ def card_kind(digits: str) -> CardKind:
     n = len(digits)
     if n < MIN_DIGITS or n > MAX_DIGITS:
         return NOT_A_CARD
-    mask = issued_lengths(digits)
-    if not mask:
-        return NOT_A_CARD
-    return CERTAIN if mask >> n & 1 else DOUBTFUL
+    return CERTAIN if issued_lengths(digits) >> n & 1 else DOUBTFUL
+
+
+def is_card_number(digits: str) -> bool:
+    """Whether an all-digit string given on its own (an identifier, an injected value) is a
+    card number: Luhn-valid, 13-19 digits, and certain or not a valid GTIN (a valid
+    EAN-13/GTIN-14 that is only doubtful is a loyalty number or product code, as a plain
+    number standing alone is in `edge.privacy.scrub`)."""
+    if not MIN_DIGITS <= len(digits) <= MAX_DIGITS or not luhn_ok(digits):
+        return False
+    return card_kind(digits) == CERTAIN or not gtin_ok(digits)
 
 
 def luhn_ok(digits: str) -> bool:
@@ -138,16 +148,29 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def luhn_complete(body: str) -> str:
+    """`body` (all digits) plus the Luhn check digit that makes it valid."""
+    for check in "0123456789":
+        if luhn_ok(body + check):
+            return body + check
+    raise AssertionError("unreachable: one check digit always fits")
+
+
+def gtin_check_digit(body: str) -> str:
+    """The GS1 check digit for a GTIN body (all digits: the code without its last digit)."""
+    total = 0
+    n = len(body)
+    for i in range(n):  # weights 3, 1, 3, ... from the last digit of the body
+        d = ord(body[n - 1 - i]) - 48
+        total += d * 3 if i % 2 == 0 else d
+    return chr(48 + (10 - total % 10) % 10)
+
+
 def gtin_ok(digits: str) -> bool:
     """A GTIN-8/12/13/14 with a correct GS1 check digit (all-digit input)."""
-    n = len(digits)
-    if n not in (8, 12, 13, 14):
+    if len(digits) not in (8, 12, 13, 14):
         return False
-    total = 0
-    for i in range(n - 1):  # weights 3, 1, 3, ... from the digit left of the check digit
-        d = ord(digits[n - 2 - i]) - 48
-        total += d * 3 if i % 2 == 0 else d
-    return (10 - total % 10) % 10 == ord(digits[-1]) - 48
+    return gtin_check_digit(digits[:-1]) == digits[-1]
 
 
 SINGLE_SEPARATORS: Final = frozenset({" ", "\t", "-", " - "})

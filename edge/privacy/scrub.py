@@ -6,18 +6,20 @@
   4-6-5, 4-6-4, 19-digit forms) with spaces, tabs, dashes, " - ", dots, double spaces or
   their Unicode spellings (no-break and thin spaces, Unicode dashes; full-width digits
   count as digits). A digit run longer than a card and not split by separators stays
-  (nothing in it is a card as printed). GS1 context: a plain number that is a valid GTIN
+  (nothing in it is a card as printed). Every Luhn-valid 13-19-digit number so printed is
+  a card, whatever its issuer range (privacy first: the network table is not every
+  issuer), with one exception. GS1 context: a plain number that is a valid GTIN-13/14
   where products stand (the whole text; a receipt item line "<code> <qty> [x price]";
   after EAN/GTIN/UPC/SKU/PLU/ART, a GS1 "(01)" or Digital Link "/01/"; after a loyalty
   label: loyalty cards carry EAN-13s) is a product, unless it is a certain card (a
   network's range at a length it issues): of GTIN lengths only a 14-digit Diners Club
-  number is. Doubtful numbers (a network's range at a length it does not issue, such as
-  a 13-digit Visa) are scrubbed everywhere else. docs/privacy.md lists what stays doubtful.
+  number is. No GTIN has 15-19 digits. docs/privacy.md lists what stays doubtful.
 - `scrub_text`: card scrub, then e-mail addresses and phone numbers become their
   pseudonym (per the privacy policy) or `[email]` / `[phone]` when the policy drops them.
 - `holds_card`: whether an identifier's value is or contains a card number, however its
   digits are separated (a card number given as a loyalty number must not be pseudonymized);
-  a valid EAN-13 loyalty number is not one unless it is a certain card.
+  a valid EAN-13 loyalty number is not one unless it is a certain card
+  (`edge.privacy.cards.is_card_number`).
 - `IDENTIFIER_PATTERNS`: identifier-shaped strings for the log scrubber (defence in depth;
   deliberately greedy, no Luhn check).
 
@@ -39,6 +41,7 @@ from edge.privacy.cards import (
     card_kind,
     grouping_ok,
     gtin_ok,
+    is_card_number,
     luhn_ok,
 )
 
@@ -185,15 +188,16 @@ def _group_spans(run: str, base: int, probe: str) -> list[tuple[int, int]]:
 
 def _grouped_card(run: str, groups: list[tuple[int, int]], i: int, k: int, number: str) -> bool:
     """Whether the Luhn-valid `number` spelled by groups i..k-1 (k - i >= 2) of a run is a
-    card number as printed: a network's, in a card grouping."""
+    card number as printed: 13-19 digits (the caller's window) in a card grouping, whatever
+    its issuer range (a GTIN is printed plain, so no GS1 exception applies)."""
     sizes = [b - a for a, b in groups[i:k]]
     seps = [run[groups[t][1] : groups[t + 1][0]] for t in range(i, k - 1)]
     return card_kind(number) != NOT_A_CARD and grouping_ok(sizes, seps)
 
 
 def _is_card(digits: str, a: int, b: int, probe: str) -> bool:
-    """A plain Luhn-valid number at probe[a:b]: a card when certain; when doubtful, unless it
-    is a valid GTIN in GS1 context."""
+    """A plain Luhn-valid number at probe[a:b]: a card when certain; when doubtful (any other
+    13-19 digits), unless it is a valid GTIN in GS1 context."""
     kind = card_kind(digits)
     if kind == DOUBTFUL:
         return not (gtin_ok(digits) and _gs1_context(probe, a, b))
@@ -254,16 +258,13 @@ def scrub_cards(text: str) -> tuple[str, int]:
 
 def holds_card(value: str) -> bool:
     """True when `value` is or contains a payment card number: its digits, whatever separates
-    them ("4111.1111.1111.1111", "4111 / 1111 ..."), are a card number (a valid EAN-13 or
-    GTIN-14 only when certain: loyalty cards carry EAN-13s), or `scrub_cards` finds one in it."""
+    them ("4111.1111.1111.1111", "4111 / 1111 ..."), are a card number (`is_card_number`:
+    any Luhn-valid 13-19 digits, a valid EAN-13 or GTIN-14 only when certain: loyalty cards
+    carry EAN-13s), or `scrub_cards` finds one in it."""
     digits = _NON_DIGITS.sub("", value.translate(_TO_ASCII))
     if len(digits) < MIN_DIGITS:
         return False
-    if len(digits) <= MAX_DIGITS and luhn_ok(digits):
-        kind = card_kind(digits)
-        if kind == CERTAIN or (kind == DOUBTFUL and not gtin_ok(digits)):
-            return True
-    return scrub_cards(value)[1] > 0
+    return is_card_number(digits) or scrub_cards(value)[1] > 0
 
 
 def scrub_text(text: str, pz: Pseudonymizer) -> str:

@@ -7,9 +7,10 @@
   expected must not be pseudonymized: card numbers are never stored, not even hashed).
   A phone number written with its "+", "00" or trunk "0" prefix is a phone number, never a
   card (no card number starts with 0 or "+"), so ~10 % of them are not lost to Luhn; a
-  loyalty number is dropped when its digits are a card number by issuer range, length and
-  Luhn (`edge.privacy.cards`), except a valid EAN-13/GTIN that is only a doubtful card
-  shape (loyalty cards carry EAN-13s; docs/privacy.md says which numbers stay doubtful).
+  loyalty number is dropped when its digits are a card number
+  (`edge.privacy.cards.is_card_number`: any Luhn-valid 13-19 digits, whatever the issuer
+  range, except a valid EAN-13/GTIN-14 that is no certain card: loyalty cards carry
+  EAN-13s; docs/privacy.md says which numbers stay doubtful).
 - `PrivacyStage` runs last before the buffer: identifiers become pseudonyms (or vanish),
   free text is scrubbed of e-mails and phone numbers, and the result is a `Pending` event,
   safe to store.
