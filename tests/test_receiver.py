@@ -595,9 +595,9 @@ async def test_receiver_reconnects_after_a_broker_restart(tmp_path: Path, mosqui
 
 
 def test_edge_cloud_receive_runs_logs_json_and_stops_on_sigterm(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """`edge-cloud receive --config F` logs JSON lines when not on a terminal (here: a pipe), runs
-    until SIGTERM and exits 0; a config without cloud_key exits 2 naming it with the command that
-    makes one; typos are reported file:line with a did-you-mean."""
+    """`edge-cloud receive --config F` logs JSON lines when not on a terminal (here: a pipe), makes
+    its files 0600 even when started under umask 022, runs until SIGTERM and exits 0; a config
+    without cloud_key exits 2 naming it with the command that makes one; typos are reported file:line with a did-you-mean."""
     (tmp_path / "keys").mkdir()
     cloud_key_file(tmp_path)
     conf = tmp_path / "receiver.yaml"
@@ -606,7 +606,8 @@ def test_edge_cloud_receive_runs_logs_json_and_stops_on_sigterm(tmp_path: Path, 
     cmd = [sys.executable, "-u", "-m", "cloud.cli", "receive", "--config", str(conf)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     lines: list[str] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          umask=0o022) as proc:
         try:
             assert proc.stdout is not None
             deadline = time.monotonic() + WAIT
@@ -621,6 +622,7 @@ def test_edge_cloud_receive_runs_logs_json_and_stops_on_sigterm(tmp_path: Path, 
                 proc.kill()
     assert json.loads(lines[-1])["event"] == "receiver_subscribed"  # JSON, not the console renderer
     assert (tmp_path / "state" / "r.db").exists()  # relative to the config file's folder
+    assert (tmp_path / "state" / "r.db").stat().st_mode & 0o777 == 0o600  # umask 0077 whatever the parent
     conf.write_text("broker: mqtt://127.0.0.1:1\nkeys_dir: keys\n")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WAIT, check=False)
     assert done.returncode == 2

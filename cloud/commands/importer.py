@@ -10,6 +10,7 @@ network are then duplicates, acked ok. Exit 0 when every batch is stored or alre
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge.daemon import PRIVATE_UMASK
+
+    os.umask(PRIVATE_UMASK)  # as the receiver: the store it writes holds pseudonyms
     from cloud.config import load_receiver_config
     from cloud.receiver import Receiver
     from cloud.transport import Inbound

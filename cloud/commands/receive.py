@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from typing import Any
 
 CONFIG_HELP = ("the receiver's YAML config (broker, keys_dir, db, out, cloud_key, batch limits; "
@@ -25,5 +26,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace, *, prog: str = "edge-cloud receive") -> int:
     from cloud.receiver import receive_main
+    from edge.daemon import PRIVATE_UMASK
 
+    os.umask(PRIVATE_UMASK)  # receiver.db and events.jsonl hold pseudonyms: owner only, whatever started us
     return asyncio.run(receive_main(args.config, prog=prog))
