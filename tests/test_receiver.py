@@ -597,7 +597,8 @@ async def test_receiver_reconnects_after_a_broker_restart(tmp_path: Path, mosqui
 def test_edge_cloud_receive_runs_logs_json_and_stops_on_sigterm(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """`edge-cloud receive --config F` logs JSON lines when not on a terminal (here: a pipe), makes
     its files 0600 even when started under umask 022, runs until SIGTERM and exits 0; a config
-    without cloud_key exits 2 naming it with the command that makes one; typos are reported file:line with a did-you-mean."""
+    without cloud_key exits 2 naming it with the command that makes one; typos are reported
+    file:line with a did-you-mean."""
     (tmp_path / "keys").mkdir()
     cloud_key_file(tmp_path)
     conf = tmp_path / "receiver.yaml"
