@@ -21,6 +21,7 @@ COMMANDS: tuple[str, ...] = (
     "cloud.commands.receive",
     "cloud.commands.keys",
     "cloud.commands.importer",
+    "cloud.commands.fleetsim",
 )
 
 
