@@ -255,7 +255,11 @@ class Fleet:
     def acked(self) -> int:
         return sum(d.uplink.counters["events_acked"] for d in self.devices)
 
-    async def _open_all(self) -> None:
+    async def open(self) -> None:
+        """Open every device and register its key (created on first use). `run()` does it if needed;
+        call it first to register a new fleet's keys before the receiver starts."""
+        if self.devices:
+            return
         gate = asyncio.Semaphore(OPEN_CONCURRENCY)
         self.spec.keys_dir.mkdir(parents=True, exist_ok=True)
 
@@ -268,17 +272,22 @@ class Fleet:
         self.devices = [r for r in results if isinstance(r, SimDevice)]
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
+            await self.close()
             raise failed[0]
+
+    async def close(self) -> None:
+        """Stop every uplink and generator, close every buffer (what `run()` does at its end)."""
+        await asyncio.gather(*(d.close() for d in self.devices), return_exceptions=True)
 
     async def run(self, stop: asyncio.Event | None = None) -> FleetReport:
         """Open every device, start its uplink and generator, wait until drained (or timeout, or `stop`)."""
         spec = self.spec
         stop = stop or asyncio.Event()
-        rss_start = rss_kib()[0]
+        rss_start = rss_kib()[0]  # a fleet opened beforehand counts its buffers and keys in the start
         t0 = time.perf_counter()
         complete = False
         try:
-            await self._open_all()
+            await self.open()
             log.info("fleet_opened", devices=len(self.devices), seconds=round(time.perf_counter() - t0, 2))
             for d in self.devices:
                 await d.uplink.start()
@@ -300,7 +309,7 @@ class Fleet:
             seconds = time.perf_counter() - t0
             reports = [await d.report() for d in self.devices]
         finally:
-            await asyncio.gather(*(d.close() for d in self.devices), return_exceptions=True)
+            await self.close()
         return FleetReport(reports, seconds, complete, rss_start, rss_kib()[1])
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S", help="give up after S s")
     p.add_argument("--sync", choices=("normal", "full"), default="normal",
                    help="buffer synchronous mode (default normal: WAL survives a process crash)")  # fmt: skip
+    p.add_argument("--init-only", action="store_true",
+                   help="create the devices, register their keys, exit (run before the receiver)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -88,9 +91,16 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        report = await Fleet(spec).run(stop)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        fleet = Fleet(spec)
+        if args.init_only:
+            await fleet.open()
+            await fleet.close()
+            print(f"{len(fleet.devices)} device(s) ready in {spec.state}, keys registered in {spec.keys_dir}")
+            return 0
+        report = await fleet.run(stop)
         print(json.dumps(report.as_dict()) if args.json else format_report(report))
         return 0 if report.complete else 1
 
