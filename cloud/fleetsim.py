@@ -49,7 +49,8 @@ DONE_POLL_S = 0.2
 
 @dataclass(slots=True, frozen=True)
 class FleetSpec:
-    """What to simulate. `rate` is events/s per device (None: all events at once)."""
+    """What to simulate. `rate` is events/s per device (None: all events at once). `offline_first`:
+    every device buffers all its events before any uplink starts (a reconnect storm)."""
 
     devices: int
     events: int
@@ -60,6 +61,7 @@ class FleetSpec:
     prefix: str = "edge/v1"
     tenant: str = "sim"
     rate: float | None = None
+    offline_first: bool = False
     timeout: float = 600.0
     synchronous: Literal["full", "normal"] = "normal"
     window: int = 8
@@ -290,9 +292,13 @@ class Fleet:
             await self.open()
             log.info("fleet_opened", devices=len(self.devices), seconds=round(time.perf_counter() - t0, 2))
             for d in self.devices:
-                await d.uplink.start()
                 d.generating = asyncio.create_task(d.generate(spec.events, spec.rate, self._clock),
                                                    name=f"fleetsim:{d.name}")  # fmt: skip
+            if spec.offline_first:
+                await asyncio.gather(*(d.generating for d in self.devices if d.generating is not None))
+                log.info("fleet_buffered", events=sum(d.generated for d in self.devices))
+            for d in self.devices:
+                await d.uplink.start()
             deadline = time.perf_counter() + spec.timeout
             pending = list(self.devices)
             while pending and not stop.is_set() and time.perf_counter() < deadline:

@@ -173,6 +173,22 @@ async def test_acks_not_signed_by_the_configured_cloud_key_delete_nothing(
     assert report.batches_pending >= 2
 
 
+async def test_devices_holding_their_whole_backlog_offline_connect_at_once_and_drain_it(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """offline_first: every event is buffered before any uplink starts (a reconnect storm)."""
+    key, public = cloud_key(tmp_path)
+    cfg = receiver_cfg(tmp_path, mosquitto.url, key)
+    fleet = Fleet(spec(tmp_path, mosquitto.url, public, devices=10, events=300, offline_first=True))
+    await fleet.open()
+    async with running(cfg):
+        report = await fleet.run()
+    assert report.complete
+    assert report.acked == 3000
+    check_received(cfg, 10, 300)
+    check_buffers_empty(tmp_path, report)
+
+
 def test_cli_runs_a_fleet_and_prints_a_json_summary(
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:

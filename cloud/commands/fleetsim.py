@@ -48,6 +48,8 @@ def register(sub: Any) -> None:
                    help="where device public keys are registered (default: STATE/receiver-keys)")  # fmt: skip
     p.add_argument("--rate", type=_positive_float, metavar="R",
                    help="events per second per device (default: all at once)")  # fmt: skip
+    p.add_argument("--offline-first", action="store_true",
+                   help="buffer every event before any device connects (a reconnect storm)")  # fmt: skip
     key = p.add_mutually_exclusive_group(required=True)
     key.add_argument("--cloud-public-key", metavar="HEX", help="the cloud public key (64 hex)")
     key.add_argument("--cloud-key", type=Path, metavar="FILE",
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     spec = FleetSpec(
         devices=args.devices, events=args.events, broker=args.broker, state=args.state,
         keys_dir=args.keys_dir or args.state / "receiver-keys", cloud_public_key=_cloud_public(args),
-        prefix=args.prefix, tenant=args.tenant, rate=args.rate, timeout=args.timeout, synchronous=args.sync,
+        prefix=args.prefix, tenant=args.tenant, rate=args.rate, offline_first=args.offline_first,
+        timeout=args.timeout, synchronous=args.sync,
     )  # fmt: skip
 
     async def main() -> int:
