@@ -189,6 +189,21 @@ async def test_devices_holding_their_whole_backlog_offline_connect_at_once_and_d
     check_buffers_empty(tmp_path, report)
 
 
+async def test_a_second_run_on_the_same_state_continues_each_devices_ids_and_chain(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    key, public = cloud_key(tmp_path)
+    cfg = receiver_cfg(tmp_path, mosquitto.url, key)
+    first = Fleet(spec(tmp_path, mosquitto.url, public, devices=3, events=20))
+    await first.open()
+    async with running(cfg):
+        assert (await first.run()).complete
+        again = await Fleet(spec(tmp_path, mosquitto.url, public, devices=3, events=20)).run()
+    assert again.complete
+    assert again.acked == 60
+    check_received(cfg, 3, 40)  # ids 1..40 and seq 1..k per device: same keys, same chains
+
+
 def test_cli_runs_a_fleet_and_prints_a_json_summary(
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
