@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "cloud.commands.importer",
     "cloud.cluster.cli",
     "cloud.db.cli",
+    "cloud.commands.fleetsim",
 )
 
 

@@ -254,3 +254,36 @@ async def test_read_stats_from_another_process_while_writing(tmp_path: Path, clo
         assert s["backlog"]["pos"]["oldest_ts"] == NOW
         assert s["degraded"] is None
     assert final.next_event_id == last + 1
+
+
+async def test_backlog_counters_stay_exact_while_commits_race_seals_and_acks(tmp_path: Path) -> None:
+    """Seals and acks change the in-memory counters under the lock, so a commit that copied them
+    right after the lock was freed cannot overwrite the change (the fleet simulator found stats
+    reporting 20 events left in buffers that were empty)."""
+    buf = await Buffer.open(make_cfg(tmp_path, commit_interval=0.001), FakeClock(wall=NOW))
+    build = Builder()
+    try:
+        async def produce() -> None:
+            for i in range(400):
+                await buf.put(ev(i=i))
+                if i % 4 == 0:
+                    await asyncio.sleep(0.002)  # commits keep coming while the drain seals
+            await buf.flush()
+
+        async def drain() -> None:
+            while True:
+                events = await buf.unsealed(7, 1 << 20)
+                if events:
+                    batch = await buf.seal(events, build)
+                    assert await buf.ack(batch.seq, batch.hh)
+                elif producer.done():
+                    return
+                await asyncio.sleep(0)
+
+        producer = asyncio.create_task(produce())
+        await asyncio.gather(producer, drain())
+        stats = await buf.stats()
+        assert sum(b.events for b in stats.backlog.values()) == 0
+        assert (stats.batches_pending, stats.batches_pending_bytes) == (0, 0)
+    finally:
+        await buf.close()

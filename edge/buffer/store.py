@@ -604,15 +604,19 @@ class Buffer:
         done) if any of them is no longer stored."""
         if not events:
             raise ValueError("a batch holds at least one event")
-        batch, removed = await self._guard(
-            batches.seal, self._db, events, build, self._clock.wall_ms(), self._next_id
-        )
-        for prio, n, size in removed:
-            self._level.events[prio] -= n
-            self._level.bytes[prio] -= size
-        self._level.batch_events += batch.n
-        self._level.batch_bytes += len(batch.payload)
-        return batch
+
+        async def run() -> SealedBatch:
+            # the counters change under the lock, with the transaction: a commit that starts
+            # once the lock is free copies them, and must see this seal (else it overwrites it)
+            batch, removed = await batches.seal(self._db, events, build, self._clock.wall_ms(), self._next_id)
+            for prio, n, size in removed:
+                self._level.events[prio] -= n
+                self._level.bytes[prio] -= size
+            self._level.batch_events += batch.n
+            self._level.batch_bytes += len(batch.payload)
+            return batch
+
+        return await self._guard(run)
 
     async def pending_batches(self, limit: int | None = None) -> list[SealedBatch]:
         """Sealed, unacknowledged batches by seq (at most `limit`)."""
@@ -620,12 +624,16 @@ class Buffer:
 
     async def ack(self, seq: int, hh: bytes) -> bool:
         """Delete pending batch `seq` only if its header hash is `hh`; whether it did."""
-        got = await self._guard(batches.ack, self._db, seq, hh, self._clock.wall_ms(), self._next_id)
-        if got is None:
-            return False
-        self._level.batch_events -= got[0]
-        self._level.batch_bytes -= got[1]
-        return True
+
+        async def run() -> bool:
+            got = await batches.ack(self._db, seq, hh, self._clock.wall_ms(), self._next_id)
+            if got is None:
+                return False
+            self._level.batch_events -= got[0]  # under the lock, as in `seal`
+            self._level.batch_bytes -= got[1]
+            return True
+
+        return await self._guard(run)
 
     async def quarantine(self, seq: int, hh: bytes, err: str) -> bool:
         """Keep a rejected batch aside (never resent, not deleted); whether it matched."""
