@@ -158,8 +158,18 @@ async def take_snapshot(rt: Runtime, liveness: Liveness, last: BufferStats | Non
         lag_s=liveness.lag_s,
         ack_alarm=snapshot_ack_alarm(stats, components.get("uplink"), rt.clock.wall_ms(),
                                      rt.cfg.health.ack_timeout_alarm),
-        analytics_reason=rt.analytics.health_reason() if rt.analytics is not None else None,
+        analytics_reason=_analytics_reason(rt),
     )
+
+
+def _analytics_reason(rt: Runtime) -> str | None:
+    if rt.analytics is None:
+        return None
+    try:
+        return rt.analytics.health_reason()
+    except Exception as exc:  # a scrape must not fail over analytics
+        log.debug("health_analytics_unavailable", error=type(exc).__name__)
+        return "analytics: status unavailable"
 
 
 def snapshot_ack_alarm(
