@@ -234,21 +234,22 @@ def test_the_snapshot_shows_only_published_intervals_and_polls_do_not_move() -> 
     assert after["totals"]["receipts"] == 6 + sum(r["receipts"] or 0 for r in rows)
 
 
-def test_day_totals_add_nothing_to_the_published_rows_with_epsilon() -> None:
-    """With noise, the totals are the sums of the noised published cells (suppressed count 0),
-    so a total minus the other intervals gives back a published cell, not a true count."""
+def test_day_totals_add_suppressed_cells_only_in_whole_multiples_of_k() -> None:
+    """Intervals with 3, 3, 3 and 12 visitors (k = 5): the three small ones are null; the
+    day's footfall is 12 + 5 (their 9 pooled, added in whole multiples of k), so the total
+    minus the published intervals says only "at least 5 in the suppressed ones"."""
     clock = at(H9)
-    a = engine(clock, epsilon=0.5)
-    for j in range(4):
-        for i in range(3 + 4 * j):
-            enter(a, f"ble:e1:{j}-{i}", H9 + j * 900_000 + 1000 * i)
-    ev = run_to(a, clock, H9 + 4 * 900_000 + a.settle_ms)
-    rows = [dict(e.data) for e in ev]
-    snap = a.snapshot()
-    assert snap["totals"]["footfall"] == sum(r["footfall"] or 0 for r in rows) - sum(r["staff_new"] or 0 for r in rows)
-    for lab in DWELL:
-        got = next(b["visits"] for b in snap["dwell_histogram"] if b["bucket"] == lab)
-        assert got == sum(r["dwell_buckets"][lab] or 0 for r in rows)
+    a = engine(clock)
+    snaps = []
+    ev: list[Pending] = []
+    for j, n in enumerate((3, 3, 3, 12)):
+        run_to(a, clock, H9 + j * 900_000 + 1000)
+        for i in range(n):
+            enter(a, f"ble:e1:{j}-{i}", clock.wall)
+        ev += run_to(a, clock, H9 + (j + 1) * 900_000 + a.settle_ms)
+        snaps.append(a.snapshot()["totals"]["footfall"])
+    assert [e.data["footfall"] for e in ev] == [None, None, None, 12]
+    assert snaps == [0, 5, 5, 17]  # one suppressed interval never moves a total by less than k
 
 
 def test_a_rotation_found_after_its_interval_closed_does_not_take_footfall_from_another() -> None:

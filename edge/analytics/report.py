@@ -11,6 +11,7 @@ not. Field reference and what is and is not protected: docs/analytics.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edge.analytics.engine import BASKET_LABELS, DWELL_LABELS
@@ -137,31 +138,48 @@ def _snapshot_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("start", "end", "footfall", "receipts", "conversion", "dwell", "occupancy")}
 
 
-def _sum(values: list[int | None]) -> int:
-    return sum(v for v in values if v is not None)
+def _day_sum(accs: list[_Acc], key: str, value: Callable[[dict[str, Any]], int | None], k: int) -> int:
+    """A day total from published interval cells: the published ones summed, plus the
+    suppressed ones pooled and added only in whole multiples of k (their noised values,
+    `Cells.shown`). Exact up to k-1 below; differencing it against the intervals, or one
+    poll against a later one, shows at most that the pool crossed a multiple of k."""
+    published, pool = 0, 0
+    for acc in accs:
+        v = value(acc.row or {})
+        if v is not None:
+            published += v
+        elif acc.cells is not None:
+            pool += acc.cells.shown(key)
+    return published + pool // k * k
 
 
 def snapshot(a: StoreAnalytics) -> dict[str, Any]:
     """The web page's view of today (contract in docs/analytics.md).
 
     Only today's closed (published) intervals: the open one is not shown, so two polls never
-    differ by a live change. Totals and the histogram are sums of the published interval
-    cells (suppressed ones count 0) and `staff` their maximum: post-processing of what the
-    events already publish, so they add no privacy loss and cannot be differenced.
+    differ by a live change. Totals and the histogram are built from the published interval
+    cells (`_day_sum`) and `staff` is their maximum: post-processing of what the events
+    publish, so they add no fresh noise draw to average and no exact small difference.
     """
     today = a._today()
-    rows = [acc.row for acc in a._closed if acc.day == today and acc.row is not None]
-    rows.sort(key=lambda r: r["start"])
-    footfall = max(0, _sum([r["footfall"] for r in rows]) - _sum([r["staff_new"] for r in rows]))
-    receipts = _sum([r["receipts"] for r in rows])
+    accs = sorted((acc for acc in a._closed if acc.day == today and acc.row is not None), key=lambda x: x.start)
+    rows = [acc.row or {} for acc in accs]
+    k = a.cfg.k
+    footfall = max(0, _day_sum(accs, "footfall", lambda r: r["footfall"], k)
+                   - _day_sum(accs, "staff_new", lambda r: r["staff_new"], k))
+    receipts = _day_sum(accs, "receipts", lambda r: r["receipts"], k)
     staff = [r["staff"] for r in rows if r["staff"] is not None]
+
+    def bucket(lab: str) -> Callable[[dict[str, Any]], int | None]:
+        return lambda r: r["dwell_buckets"][lab]
+
     return {
         "interval_s": round(a.cfg.interval),
         "day": today.isoformat(),
-        "k": a.cfg.k,
+        "k": k,
         "zones": list(a.zones),
         "intervals": [_snapshot_row(r) for r in rows],
-        "dwell_histogram": [{"bucket": lab, "visits": _sum([r["dwell_buckets"][lab] for r in rows])}
+        "dwell_histogram": [{"bucket": lab, "visits": _day_sum(accs, f"dwell:{lab}", bucket(lab), k)}
                             for lab in DWELL_LABELS],
         "totals": {
             "footfall": footfall,
