@@ -127,6 +127,7 @@ class Snapshot:
     reason: str | None
     lag_s: float
     ack_alarm: AckAlarm | None = None  # batches waiting without a valid ack (edge/ackwatch.py)
+    analytics_reason: str | None = None  # store analytics not advancing (edge/analytics/)
 
 
 async def buffer_stats(rt: Runtime, last: BufferStats | None = None) -> tuple[BufferStats | None, bool]:
@@ -157,7 +158,18 @@ async def take_snapshot(rt: Runtime, liveness: Liveness, last: BufferStats | Non
         lag_s=liveness.lag_s,
         ack_alarm=snapshot_ack_alarm(stats, components.get("uplink"), rt.clock.wall_ms(),
                                      rt.cfg.health.ack_timeout_alarm),
+        analytics_reason=_analytics_reason(rt),
     )
+
+
+def _analytics_reason(rt: Runtime) -> str | None:
+    if rt.analytics is None:
+        return None
+    try:
+        return rt.analytics.health_reason()
+    except Exception as exc:  # a scrape must not fail over analytics
+        log.debug("health_analytics_unavailable", error=type(exc).__name__)
+        return "analytics: status unavailable"
 
 
 def snapshot_ack_alarm(
@@ -346,13 +358,17 @@ def _process() -> Iterator[Metric]:
 
 def health_doc(s: Snapshot) -> dict[str, Any]:
     """The /healthz body: "ok"; "unhealthy" when the pipeline is stalled or the buffer cannot
-    commit; "degraded" when only the ack alarm is up (data is kept but not delivered)."""
+    commit; "degraded" when only the ack alarm is up (data is kept but not delivered) or store
+    analytics has stopped advancing (its ticker failing: events flow, the aggregates do not)."""
     reasons = [s.reason] if s.reason else []
     if s.stats is not None and s.stats.degraded:
         reasons.append("buffer degraded")
     status = "ok" if not reasons else "unhealthy"
     if s.ack_alarm is not None:
         reasons.append(f"uplink: {s.ack_alarm.reason}")
+        status = "degraded" if status == "ok" else status
+    if s.analytics_reason is not None:  # events still flow; the aggregates do not
+        reasons.append(s.analytics_reason)
         status = "degraded" if status == "ok" else status
     up = s.components.get("uplink")
     return {

@@ -235,7 +235,10 @@ class Supervisor:
     async def _stop_analytics(self, rt: Runtime) -> None:
         """Stop the ticker; the open intervals go to the buffer as partial ones."""
         if self._ticker is not None:
-            self._ticker.cancel()
+            t = self._ticker
+            if t.done() and not t.cancelled() and t.exception() is not None:  # run_ticker retries Exceptions
+                log.error("analytics_ticker_died", error=type(t.exception()).__name__)
+            t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._ticker
         if rt.analytics is not None:

@@ -171,8 +171,8 @@ def test_a_visit_spanning_an_address_rotation_counts_once_with_its_whole_dwell()
         row = first_interval(run_to(a, clock, H9 + 900_000 + a.settle_ms))
         assert row["footfall"] == footfall
         assert row["visits"] == footfall
-        if rotation:
-            assert row["dwell"]["p50_s"] == 540.0
+        if rotation:  # dwell statistics need 10 visits: the bucket shows the whole 540 s
+            assert row["dwell_buckets"] == {"0-5m": 0, "5-15m": 1, "15-30m": 0, "30-60m": 0, "60m+": 0}
             assert row["rotations"] == 1
 
 
@@ -217,16 +217,15 @@ def test_devices_present_for_staff_after_are_staff_not_visitors() -> None:
     enter(a, "ble:e1:staff", H9, zone="till")
     enter(a, "ble:e1:shopper", H9 + 3 * 3600_000 - 600_000)
     run_to(a, clock, H9 + 3 * 3600_000 + 20_000)
-    snap = a.snapshot()
-    assert snap["totals"]["staff"] == 1
-    assert snap["totals"]["footfall"] == 1
-    cur = snap["intervals"][-1]
-    assert cur["occupancy"]["till"] == {"mean": 0.0, "peak": 0}
     exit_(a, "ble:e1:staff", H9 + 3 * 3600_000 + 20_000, entered=H9, zone="till")
     ev = run_to(a, clock, H9 + 4 * 3600_000 + a.settle_ms)
     last = dict(ev[-1].data)
     assert last["staff_new"] == 1
     assert last["staff"] == 1
+    assert last["occupancy"]["till"] == {"mean": 0.0, "peak": 0}
+    snap = a.snapshot()
+    assert snap["totals"]["staff"] == 1
+    assert snap["totals"]["footfall"] == 1
     assert last["visits"] == 0  # the staff exit is no visitor's dwell
 
 
@@ -291,7 +290,7 @@ def test_snapshot_has_the_contract_shape_and_no_pseudonym() -> None:
     assert "loy:" not in text
     assert set(snap) == {"interval_s", "day", "k", "zones", "intervals", "dwell_histogram", "totals", "suppressed"}
     assert (snap["interval_s"], snap["day"], snap["k"], snap["zones"]) == (900, "2026-01-01", 5, ZONES)
-    assert [r["start"] for r in snap["intervals"]] == [H9, H9 + 900_000]  # the current one last
+    assert [r["start"] for r in snap["intervals"]] == [H9]  # closed ones only: the open one is not shown
     for r in snap["intervals"]:
         assert set(r) == {"start", "end", "footfall", "receipts", "conversion", "dwell", "occupancy"}
         assert set(r["dwell"]) == {"mean_s", "p50_s", "p90_s"}
@@ -299,7 +298,7 @@ def test_snapshot_has_the_contract_shape_and_no_pseudonym() -> None:
         assert all(set(v) == {"mean", "peak"} for v in r["occupancy"].values())
     first = snap["intervals"][0]
     assert (first["footfall"], first["receipts"], first["conversion"]) == (12, 6, 0.5)
-    assert isinstance(first["dwell"]["p50_s"], float)
+    assert first["dwell"] == {"mean_s": None, "p50_s": None, "p90_s": None}  # 6 visits < 10
     assert [b["bucket"] for b in snap["dwell_histogram"]] == ["0-5m", "5-15m", "15-30m", "30-60m", "60m+"]
     assert snap["dwell_histogram"][0]["visits"] == 6
     assert set(snap["totals"]) == {"footfall", "receipts", "conversion", "staff"}

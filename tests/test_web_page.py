@@ -62,6 +62,10 @@ class FakeAnalytics:
         """What the supervisor writes into runtime.json."""
         return {"visits": 0}
 
+    def health_reason(self) -> str | None:
+        """What /healthz asks: analytics is advancing."""
+        return None
+
     def snapshot(self) -> dict[str, Any]:
         ivs = []
         for i in range(self.intervals):

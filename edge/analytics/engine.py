@@ -55,6 +55,7 @@ class _Visit:
     start: int  # ms: the visit's start (its first session's enter, across rotations)
     enter: int  # ms: this session's enter
     zone: int
+    counted_in: int = 0  # ms: start of the interval whose footfall counted this session
     staff: bool = False
     linked: bool = False  # continues an earlier session (cannot be claimed again)
 
@@ -122,9 +123,9 @@ class StoreAnalytics:
         self._closed: list[_Acc] = []  # today's (and yesterday's last) published intervals
         self._next_sample = 0
         self._day: date | None = None
-        self._day_cells_of = Cells(cfg.k, cfg.epsilon, self._rng)  # today's totals (noise fixed per day)
-        self._staff_peak_today = 0
         self.suppressed_today = 0
+        self.ticker_since: int | None = None  # wall ms: when `run_ticker` started (None: no ticker)
+        self.last_tick_ms: int | None = None  # wall ms of the last `tick()` that completed
         self.counters: Counter[str] = Counter()
         self._handlers: dict[str, Callable[[Pending], None]] = {
             "presence.enter": self._enter,
@@ -196,7 +197,7 @@ class StoreAnalytics:
             self.counters["visits_over_limit"] += 1
             return
         z = self._zone_of(data)
-        self._visits[pid] = _Visit(ts, ts, z)
+        self._visits[pid] = _Visit(ts, ts, z, counted_in=acc.start)
         self._occ[z] += 1
         acc.footfall += 1
         if self._rotation:
@@ -291,8 +292,12 @@ class StoreAnalytics:
 
     def _link(self, old: _Visit, pid: str) -> None:
         v = self._visits[pid]
-        self._acc(v.enter).footfall -= 1  # the new session's enter was not a new visit
-        self._acc(v.enter).rotations += 1
+        acc = self._open.get(v.counted_in)
+        if acc is not None:  # the new session's enter was not a new visit
+            acc.footfall -= 1
+            acc.rotations += 1
+        else:  # its interval is already published (a clock step, events held back): it stays counted
+            self.counters["rotations_after_close"] += 1
         v.start, v.linked = old.start, True
         if old.staff and not v.staff:
             self._make_staff(v, since=v.enter, new=False)
@@ -366,7 +371,6 @@ class StoreAnalytics:
             counts = [*self._occ, self._staff]
             self._acc(g).samples.append(counts)
             self._recent_samples.append((g, counts))
-            self._staff_peak_today = max(self._staff_peak_today, self._staff)
             self._next_sample += self._sample
         horizon = now - self._keep_ms
         while self._recent_samples and self._recent_samples[0][0] < horizon:
@@ -376,6 +380,7 @@ class StoreAnalytics:
             if acc.end + self.settle_ms <= now and acc is not self._cur:
                 out.append(self._close(acc, partial=False))
                 del self._open[start]
+        self.last_tick_ms = now
         return out
 
     def flush(self) -> list[Pending]:
@@ -408,13 +413,7 @@ class StoreAnalytics:
         today = self._today()
         if today != self._day:
             self._day = today
-            self._day_cells_of = Cells(self.cfg.k, self.cfg.epsilon, self._rng)
-            self._staff_peak_today = self._staff
             self.suppressed_today = 0
-
-    def _day_cells(self) -> Cells:
-        self._roll_day()
-        return self._day_cells_of
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -427,7 +426,23 @@ class StoreAnalytics:
         """Today's figures for the web page (shape in docs/analytics.md); no identifier."""
         from edge.analytics.report import snapshot
 
+        self._roll_day()
         return snapshot(self)
+
+    def ticker_started(self) -> None:
+        """Called by `run_ticker`: from now on a missing tick is a health reason."""
+        self.ticker_since = self._clock.wall_ms()
+
+    def health_reason(self, stale_s: float = 15.0) -> str | None:
+        """None while the ticker advances analytics, else a short reason (no identifiers):
+        no `tick()` has completed for `stale_s` since the ticker started or last ticked."""
+        if self.ticker_since is None:
+            return None
+        last = max(self.ticker_since, self.last_tick_ms or 0)
+        idle = (self._clock.wall_ms() - last) / 1000
+        if idle <= stale_s:
+            return None
+        return f"analytics: not advanced for {idle:.0f}s ({self.counters['tick_errors']} tick errors)"
 
     def status(self) -> dict[str, Any]:
         return {"visits": len(self._visits), "staff_present": self._staff, "open_intervals": len(self._open),

@@ -3,8 +3,7 @@
 A count cell is published as:
 
 1. the true count `n`, plus Laplace noise of scale 1/epsilon when `epsilon` is set (drawn
-   once per cell and interval, so a live view of the open interval does not let anyone
-   average the noise away by reloading), rounded to an integer;
+   once per cell and interval), rounded to an integer;
 2. then: <= 0 becomes 0 (nobody), 1..k-1 becomes None (suppressed, and counted), k or more
    is published.
 
@@ -33,14 +32,36 @@ class Cells:
     caller last reset it.
     """
 
-    __slots__ = ("_eps", "_k", "_noise", "_rng", "suppressed")
+    __slots__ = ("_eps", "_k", "_noise", "_rng", "_shown", "suppressed")
 
     def __init__(self, k: int, epsilon: float | None, rng: random.Random) -> None:
         self._k = k
         self._eps = epsilon
         self._rng = rng
         self._noise: dict[str, float] = {}
+        self._shown: dict[str, int] = {}  # the rounded noised value behind each count cell
         self.suppressed = 0
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    @property
+    def epsilon(self) -> float | None:
+        return self._eps
+
+    def shown(self, key: str) -> int:
+        """The rounded (noised) value behind count cell `key`, >= 0; what a suppressed cell
+        would have shown. Deciding on it, not the true count, is post-processing."""
+        return max(0, self._shown.get(key, 0))
+
+    def hide(self) -> None:
+        """Count one more cell published as None (complementary suppression)."""
+        self.suppressed += 1
+
+    def laplace(self, scale: float) -> float:
+        """A fresh noise draw of `scale` (0 without epsilon)."""
+        return laplace(self._rng, scale) if self._eps is not None else 0.0
 
     def _noised(self, key: str, x: float) -> float:
         if self._eps is None:
@@ -52,7 +73,7 @@ class Cells:
 
     def count(self, key: str, n: int) -> int | None:
         """A count cell: 0, None (suppressed) or a count >= k."""
-        v = round(self._noised(key, n))
+        v = self._shown[key] = round(self._noised(key, n))
         if v <= 0:
             return 0
         if v < self._k:
