@@ -137,10 +137,6 @@ class IngestCore:
             r.counts["deferred"] += 1
             log.warning("batch_deferred", tenant=ids[0], store=ids[1], device=ids[2], seq=batch.seq, detail=d.detail)
             return
-        if d.verdict == "duplicate":  # unreachable after is_duplicate; kept for safety
-            r.counts["duplicate"] += 1
-            self._ack(w, ids, batch, ok=True, claims=False)
-            return
         self._accept(txn, ids, batch, events, d, now, w)
 
     def _accept(  # noqa: PLR0917 - internal, one call site
@@ -183,7 +179,7 @@ class IngestCore:
         log.warning("batch_rejected", tenant=ids[0], store=ids[1], device=ids[2], seq=batch.seq, reason=reason,
                     detail=detail)  # fmt: skip
         txn.reject(Rejected(ids=ids, seq=batch.seq, hh=batch.hh, kid=batch.kid, reason=reason, detail=detail,
-                            authenticated=True, received_ms=now))  # fmt: skip
+                            received_ms=now))  # fmt: skip
         self._ack(w, ids, batch, ok=False, claims=False, err=reason)
 
     def _unauthenticated(self, ids: Ids, batch: Batch | None, ref: verify.Refusal, w: _Work) -> None:

@@ -6,9 +6,11 @@ device reset), the commit-before-ack rule, and the Store seam as the SQLite stor
 
 from __future__ import annotations
 
+import itertools
+import sqlite3
 import tracemalloc
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,64 @@ def test_amplifying_payload_costs_little_memory_and_is_not_answered(tmp_path: Pa
         assert peak < 8 * 1024 * 1024, peak  # the old receiver built ~1.4 GiB of lists from this
     finally:
         receiver.close()
+
+
+def _rows(db: Path, device: str) -> list[tuple[int, int, int, int]]:
+    """(seq, epoch, linked, detached) of a device's stored batches, read straight from the SQLite file."""
+    with closing(sqlite3.connect(db)) as con:
+        rows = con.execute("SELECT seq, epoch, linked, detached FROM batches WHERE device = ? ORDER BY seq, epoch",
+                           (device,)).fetchall()  # fmt: skip
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
+
+
+def test_every_arrival_order_of_one_chain_ends_linked_in_one_epoch_with_no_reset(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """All 120 orders of seqs 1..5 of one chain (3, 4 then 1, 2 included): every batch is accepted
+    into epoch 1 and ends linked, no reset is recorded, no rejection or deferral; the device's next
+    batch (6) is linked with no gap, and a later fork of seq 3 gets a signed chain-broken, never a
+    silent deferral."""
+    orders = list(itertools.permutations(range(5)))
+    devices = [Device(f"edge-p{i:03d}") for i in range(len(orders))]
+    for dev in devices:
+        dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        for dev, order in zip(devices, orders, strict=True):
+            chain = [dev.seal() for _ in range(5)]
+            acks = [a for i in order for a in send(receiver, dev, chain[i])]
+            assert [(a.seq, a.ok) for a in acks] == [(i + 1, True) for i in order], order
+            gaps = receiver.stats.gaps
+            (nxt,) = send(receiver, dev, dev.seal())
+            assert nxt.ok
+            assert receiver.stats.gaps == gaps, order
+            assert _rows(receiver_db(tmp_path), dev.ids[2]) == [(s, 1, 1, 0) for s in range(1, 7)], order
+            _, _, fork = dev.seal(seq=3, prev=chain[1][1], tag="fork")
+            (ack,) = send(receiver, dev, (3, b"", fork))
+            assert (ack.seq, ack.ok, ack.err) == (3, False, "chain-broken"), order
+        assert receiver.stats.resets == 0
+        assert receiver.stats.deferred == 0
+        assert receiver.stats.rejected == {"chain-broken": len(orders)}
+    finally:
+        receiver.close()
+
+
+def test_a_device_that_starts_over_still_opens_a_new_epoch(tmp_path: Path, receiver: Receiver) -> None:
+    """The late-first rule does not hide a genuine reset: a second, different seq 1 while the epoch
+    holds its seq 1 is a reset (epoch 2), and the new chain links there."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        assert all(a.ok for a in send(receiver, dev, *[dev.seal() for _ in range(3)]))
+        dev.restart_from_scratch()
+        assert all(a.ok for a in send(receiver, dev, *[dev.seal(tag="new") for _ in range(2)]))
+        assert receiver.stats.resets == 1
+        assert _rows(receiver_db(tmp_path), dev.ids[2]) == [(1, 1, 1, 0), (1, 2, 1, 0), (2, 1, 1, 0),
+                                                             (2, 2, 1, 0), (3, 1, 1, 0)]  # fmt: skip
+    finally:
+        receiver.close()
+
+
+def receiver_db(tmp_path: Path) -> Path:
+    return tmp_path / "r.db"
