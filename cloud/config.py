@@ -57,6 +57,11 @@ class ReceiverConfig(_Model):
     max_body: Size | None = Field(default=None, ge=1024)  # decompressed body cap; default 4 x batch.max_bytes
     keepalive: int = Field(default=30, ge=5, le=3600)
     max_group: int = Field(default=256, ge=1, le=10_000)  # batches per commit/fsync
+    max_group_bytes: Size = Field(default=16 * 1024**2, ge=1024)  # payload bytes per group (one batch at least)
+    # received, not yet handled: beyond either bound further messages are dropped (counted; their
+    # devices get no ack and resend later). Memory held is about max_queued_bytes + max_group_bytes.
+    max_queued: int = Field(default=1024, ge=1, le=1_000_000)
+    max_queued_bytes: Size = Field(default=64 * 1024**2, ge=1024)
     logging: Logging = Field(default_factory=Logging)
 
     @field_validator("broker")
