@@ -12,6 +12,7 @@ uses); the payload and body caps and the MessagePack container limits derive fro
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -41,7 +42,10 @@ class ReceiverConfig(_Model):
     tls: Tls = Field(default_factory=Tls)
     # 3.1.1 works everywhere (amqtt included); mosquitto also supports $share with it
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    client_id: str = Field(default="edge-receiver", min_length=1, max_length=128)
+    # unique per receiver process: unset, each process gets edge-receiver-<8 random hex> (a fixed
+    # default made two receivers on defaults take the broker session from each other in turn)
+    client_id: str = Field(default_factory=lambda: f"edge-receiver-{secrets.token_hex(4)}", min_length=1,
+                           max_length=128)  # fmt: skip
     prefix: str = DEFAULT_PREFIX
     # receivers in one group share the load (`$share/{group}/...`); null = plain subscription,
     # for brokers without shared subscriptions
