@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.config import Logging, Tls
 from edge.configload import load_model
-from edge.units import Size
+from edge.units import Duration, Size
 from edge.wire.uplink import BATCH_MAX_BYTES, BATCH_MAX_EVENTS, DEFAULT_PREFIX, LARGEST_EVENTS, Limits
 
 
@@ -60,6 +60,9 @@ class ReceiverConfig(_Model):
     max_payload: Size | None = Field(default=None, ge=1024)  # default: 4 x batch.max_bytes + 4 KiB
     max_body: Size | None = Field(default=None, ge=1024)  # decompressed body cap; default 4 x batch.max_bytes
     keepalive: int = Field(default=30, ge=5, le=3600)
+    # "already stored" acks: at most one per (device, seq) this often (replays are answered before
+    # authentication); keep it below the devices' uplink.ack_timeout (15 s by default)
+    duplicate_ack_interval: Duration = Field(default=5.0, ge=0)
     max_group: int = Field(default=256, ge=1, le=10_000)  # batches per commit/fsync
     max_group_bytes: Size = Field(default=16 * 1024**2, ge=1024)  # payload bytes per group (one batch at least)
     # received, not yet handled: beyond either bound further messages are dropped (counted; their

@@ -228,3 +228,43 @@ def test_a_device_that_starts_over_still_opens_a_new_epoch(tmp_path: Path, recei
 
 def receiver_db(tmp_path: Path) -> Path:
     return tmp_path / "r.db"
+
+
+def test_replayed_stored_batch_gets_at_most_one_ack_per_interval(tmp_path: Path) -> None:
+    """Anybody may republish a stored batch (answered before authentication): the first resend is
+    acked ok, further ones within duplicate_ack_interval (5 s by default) are not (counted), another
+    seq is independent, and after the interval a resend is answered again."""
+    (tmp_path / "keys").mkdir()
+    cfg = ReceiverConfig(broker="mqtt://127.0.0.1:1", keys_dir=tmp_path / "keys", db=tmp_path / "r.db",
+                         out=tmp_path / "events.jsonl", cloud_key=cloud_key_file(tmp_path))  # fmt: skip
+    clock = FakeClock()
+    r = Receiver(cfg, clock=clock)
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    r.open()
+    try:
+        b1, b2 = dev.seal(), dev.seal()
+        assert [a.seq for a in send(r, dev, b1, b2)] == [1, 2]
+        assert [a.seq for a in send(r, dev, b1, b1, b1, b2)] == [1, 2]
+        clock.mono += 4.9
+        assert send(r, dev, b1) == []
+        assert (r.stats.duplicates, r.stats.duplicate_acks_suppressed) == (5, 3)
+        clock.mono += 0.2
+        assert [(a.seq, a.ok) for a in send(r, dev, b1)] == [(1, True)]
+        b3 = dev.seal()
+        assert [(a.seq, a.ok) for a in send(r, dev, b3, b3)] == [(3, True)]  # stored once, acked once
+    finally:
+        r.close()
+
+
+def test_the_duplicate_ack_limiter_forgets_the_least_recent_key_beyond_its_capacity() -> None:
+    """Memory is bounded: beyond `capacity` keys the least recently answered is forgotten (answered again)."""
+    from cloud.ack import DuplicateAcks
+
+    limiter = DuplicateAcks(interval=5.0, capacity=2)
+    ids = ("acme", "s001", "edge-01")
+    assert limiter.allow(ids, 1, 0.0)
+    assert not limiter.allow(ids, 1, 1.0)
+    assert limiter.allow(ids, 2, 1.0)
+    assert limiter.allow(ids, 3, 1.0)  # capacity 2: seq 1 evicted
+    assert limiter.allow(ids, 1, 2.0)
