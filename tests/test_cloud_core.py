@@ -268,3 +268,27 @@ def test_the_duplicate_ack_limiter_forgets_the_least_recent_key_beyond_its_capac
     assert limiter.allow(ids, 2, 1.0)
     assert limiter.allow(ids, 3, 1.0)  # capacity 2: seq 1 evicted
     assert limiter.allow(ids, 1, 2.0)
+
+
+def test_a_late_first_batch_of_a_new_chain_displaces_an_older_chains_unlinked_batches(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The price of the late-first rule: when the epoch holds only unlinked batches of an older chain
+    (3, 4 of a life whose 1, 2 never arrived), a new chain's seq 1 joins the epoch instead of
+    opening one; its batches that link then displace the older 3 and 4 (detached, kept), and none
+    of the new chain is refused or deferred."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        old = [dev.seal(tag="old") for _ in range(4)]
+        assert all(a.ok for a in send(receiver, dev, old[2], old[3]))
+        dev.restart_from_scratch()
+        new = [dev.seal(tag="new") for _ in range(4)]
+        acks = [a for b in new for a in send(receiver, dev, b)]
+        assert [(a.seq, a.ok) for a in acks] == [(1, True), (2, True), (3, True), (4, True)]
+        assert (receiver.stats.detached, receiver.stats.deferred, receiver.stats.rejected) == (2, 0, {})
+        rows = _rows(receiver_db(tmp_path), dev.ids[2])
+        assert sorted(rows) == [(1, 1, 1, 0), (2, 1, 1, 0), (3, 1, 0, 1), (3, 1, 1, 0), (4, 1, 0, 1), (4, 1, 1, 0)]
+    finally:
+        receiver.close()
