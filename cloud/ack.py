@@ -10,7 +10,8 @@ core: stored or already stored (ok), and rejections of AUTHENTICATED input only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -28,3 +29,30 @@ class AckSigner:
         payload = make_ack(tenant=ids[0], store=ids[1], device=ids[2], seq=seq, hh=hh, ok=ok,
                            err=None if ok else err, key=self.key)  # fmt: skip
         return Outbound(ack_topic(self.prefix, *ids), payload)
+
+
+@dataclass(slots=True)
+class DuplicateAcks:
+    """At most one "already stored" ack per (identity, seq) every `interval` seconds.
+
+    The core answers a stored batch's resend before authenticating it (issue 14), so anybody who
+    saw a batch on the broker can replay it and make the receiver sign and send an ack, as often
+    as they like. This bounds that to one ack per interval per (identity, seq); a device's own
+    resend comes after its `uplink.ack_timeout` (15 s by default), so keep `interval` below that and
+    a genuine resend is always answered. Bounded: the `capacity` most recent keys (LRU); a key
+    evicted is answered again, at worst."""
+
+    interval: float = 5.0
+    capacity: int = 65_536
+    _last: OrderedDict[tuple[Ids, int], float] = field(default_factory=OrderedDict)
+
+    def allow(self, ids: Ids, seq: int, now: float) -> bool:
+        key = (ids, seq)
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[key] = now
+        self._last.move_to_end(key)
+        while len(self._last) > self.capacity:
+            self._last.popitem(last=False)
+        return True

@@ -2,9 +2,12 @@
 
 Design. uplink-v1 deduplicates on (tenant, store, device, seq) and checks `prev` against a held
 `seq - 1`; gaps and resets are reported, not rejected. The receiver keeps chains in *epochs*: a
-seq 1 arriving when the current epoch already holds a different seq 1, or higher seqs, opens a
-new epoch (a reset: the device lost its state), unless a held seq 2 links to it (the genuine
-first batch, late). An exact resend (same seq and hh) from any epoch is a duplicate.
+seq 1 arriving when the current epoch already holds a (different) seq 1 opens a new epoch (a
+reset: the device lost its state). When the current epoch holds no seq 1, an incoming seq 1
+joins it whatever `highest` is: it is the epoch's first batch, late (3, 4 then 1, 2 is one
+chain, not a reset), and linking propagates forward from it. Held batches that do not continue
+it (an older chain's, if the device did start over) are displaced by the batches that link, as
+below. An exact resend (same seq and hh) from any epoch is a duplicate.
 
 Links. A held batch is *linked* when it is anchored to its epoch's seq 1 through held batches
 (seq 1 itself, or `prev` = hh of a linked `seq - 1`); batches after a gap are unlinked until the
@@ -34,7 +37,7 @@ from typing import Literal
 from cloud.store import DeviceState, Ids, StoredBatch, StoreTxn
 from edge.wire.uplink import Batch
 
-Verdict = Literal["accepted", "duplicate", "chain-broken", "deferred"]
+Verdict = Literal["accepted", "chain-broken", "deferred"]
 _MAX_CASCADE = 100_000  # bound on the forward walk (relink/detach); a device's window is far smaller
 
 
@@ -61,18 +64,19 @@ def is_duplicate(txn: StoreTxn, ids: Ids, seq: int, hh: bytes) -> bool:
 
 
 def decide(txn: StoreTxn, b: Batch) -> Decision:  # noqa: PLR0911, PLR0912 - one return per rule of the module doc
+    """Where `b` goes. The caller has already answered exact resends (`is_duplicate`, which the core
+    asks before authentication); ValueError if `b` is one, as that is a caller bug."""
     ids = b.ids
     rows = txn.at_seq(ids, b.seq)
     if any(r.hh == b.hh for r in rows):
-        return Decision("duplicate")
+        raise ValueError("decide() called for a batch already stored; ask is_duplicate first")
     state = txn.device(ids) or DeviceState(epoch=1, highest=0)
     epoch, highest = state.epoch, state.highest
     current = _live(rows, epoch)
     if b.seq == 1:
-        nxt = _live(txn.at_seq(ids, 2), epoch)
-        late_first = current is None and nxt is not None and nxt.prev == b.hh
-        if current is not None or (highest > 1 and not late_first):
+        if current is not None:  # the epoch has its seq 1 already: the device started over
             return Decision("accepted", epoch=epoch + 1, highest=1, linked=True, reset=True)
+        # the epoch has no seq 1 yet: this is its first batch, late (whatever arrived before it)
         return Decision("accepted", epoch=epoch, highest=max(highest, 1), linked=True,
                         relink=_forward(txn, ids, 1, b.hh, epoch, mode="relink"))  # fmt: skip
     pred = _live(txn.at_seq(ids, b.seq - 1), epoch)

@@ -12,6 +12,7 @@ uses); the payload and body caps and the MessagePack container limits derive fro
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.config import Logging, Tls
 from edge.configload import load_model
-from edge.units import Size
+from edge.units import Duration, Size
 from edge.wire.uplink import BATCH_MAX_BYTES, BATCH_MAX_EVENTS, DEFAULT_PREFIX, LARGEST_EVENTS, Limits
 
 
@@ -41,7 +42,10 @@ class ReceiverConfig(_Model):
     tls: Tls = Field(default_factory=Tls)
     # 3.1.1 works everywhere (amqtt included); mosquitto also supports $share with it
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    client_id: str = Field(default="edge-receiver", min_length=1, max_length=128)
+    # unique per receiver process: unset, each process gets edge-receiver-<8 random hex> (a fixed
+    # default made two receivers on defaults take the broker session from each other in turn)
+    client_id: str = Field(default_factory=lambda: f"edge-receiver-{secrets.token_hex(4)}", min_length=1,
+                           max_length=128)  # fmt: skip
     prefix: str = DEFAULT_PREFIX
     # receivers in one group share the load (`$share/{group}/...`); null = plain subscription,
     # for brokers without shared subscriptions
@@ -56,7 +60,15 @@ class ReceiverConfig(_Model):
     max_payload: Size | None = Field(default=None, ge=1024)  # default: 4 x batch.max_bytes + 4 KiB
     max_body: Size | None = Field(default=None, ge=1024)  # decompressed body cap; default 4 x batch.max_bytes
     keepalive: int = Field(default=30, ge=5, le=3600)
+    # "already stored" acks: at most one per (device, seq) this often (replays are answered before
+    # authentication); keep it below the devices' uplink.ack_timeout (15 s by default)
+    duplicate_ack_interval: Duration = Field(default=5.0, ge=0)
     max_group: int = Field(default=256, ge=1, le=10_000)  # batches per commit/fsync
+    max_group_bytes: Size = Field(default=16 * 1024**2, ge=1024)  # payload bytes per group (one batch at least)
+    # received, not yet handled: beyond either bound further messages are dropped (counted; their
+    # devices get no ack and resend later). Memory held is about max_queued_bytes + max_group_bytes.
+    max_queued: int = Field(default=1024, ge=1, le=1_000_000)
+    max_queued_bytes: Size = Field(default=64 * 1024**2, ge=1024)
     logging: Logging = Field(default_factory=Logging)
 
     @field_validator("broker")

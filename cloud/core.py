@@ -7,7 +7,9 @@ seams (cloud/transport.py, cloud/store.py). For each message, in order:
 
 1. topic: `{prefix}/{tenant}/{store}/{device}/batch`, else dropped (no identity to answer);
 2. parse, once and bounded (cloud/verify.py); unparseable input is unauthenticated: no ack;
-3. already stored (same identity, seq and hh, any epoch): ack ok, before any other check;
+3. already stored (same identity, seq and hh, any epoch): ack ok, before any other check, at
+   most once per (identity, seq) every few seconds (cloud/ack.py `DuplicateAcks`: anybody can
+   replay a stored batch), the rest counted (`duplicate_acks_suppressed`);
 4. authenticate (key bound to the topic's identity, signature, body hash): failures get NO ack,
    they are counted (`unauthenticated`) and logged, and nothing of them is stored;
 5. check (topic match, body) and chain (cloud/chain.py): a signed rejection, recorded in the
@@ -31,7 +33,7 @@ from typing import Any
 import structlog
 
 from cloud import chain, verify
-from cloud.ack import AckSigner
+from cloud.ack import AckSigner, DuplicateAcks
 from cloud.identity import DeviceKeys
 from cloud.store import Accepted, Ids, Rejected, Store, StoreTxn
 from cloud.transport import Inbound, Outbound
@@ -63,8 +65,9 @@ class _Work:
 
 class IngestCore:
     def __init__(self, *, store: Store, keys: DeviceKeys, signer: AckSigner, limits: Limits, prefix: str,
-                 clock: Clock) -> None:  # fmt: skip
+                 clock: Clock, duplicate_acks: DuplicateAcks | None = None) -> None:  # fmt: skip
         self._store = store
+        self._dup_acks = duplicate_acks or DuplicateAcks()
         self._keys = keys
         self._signer = signer
         self._limits = limits
@@ -117,7 +120,11 @@ class IngestCore:
             return
         if chain.is_duplicate(txn, ids, batch.seq, batch.hh):
             r.counts["duplicate"] += 1
-            self._ack(w, ids, batch, ok=True, claims=(ids, batch.seq, batch.hh) in w.stored_here)
+            here = (ids, batch.seq, batch.hh) in w.stored_here  # its own ok ack is in this group already
+            if here or not self._dup_acks.allow(ids, batch.seq, self._clock.monotonic()):
+                r.counts["duplicate_acks_suppressed"] += 1
+                return
+            self._ack(w, ids, batch, ok=True, claims=False)
             return
         try:
             verify.authenticate(batch, ids, self._keys)
@@ -136,10 +143,6 @@ class IngestCore:
         if d.verdict == "deferred":
             r.counts["deferred"] += 1
             log.warning("batch_deferred", tenant=ids[0], store=ids[1], device=ids[2], seq=batch.seq, detail=d.detail)
-            return
-        if d.verdict == "duplicate":  # unreachable after is_duplicate; kept for safety
-            r.counts["duplicate"] += 1
-            self._ack(w, ids, batch, ok=True, claims=False)
             return
         self._accept(txn, ids, batch, events, d, now, w)
 
@@ -183,7 +186,7 @@ class IngestCore:
         log.warning("batch_rejected", tenant=ids[0], store=ids[1], device=ids[2], seq=batch.seq, reason=reason,
                     detail=detail)  # fmt: skip
         txn.reject(Rejected(ids=ids, seq=batch.seq, hh=batch.hh, kid=batch.kid, reason=reason, detail=detail,
-                            authenticated=True, received_ms=now))  # fmt: skip
+                            received_ms=now))  # fmt: skip
         self._ack(w, ids, batch, ok=False, claims=False, err=reason)
 
     def _unauthenticated(self, ids: Ids, batch: Batch | None, ref: verify.Refusal, w: _Work) -> None:

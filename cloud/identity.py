@@ -8,8 +8,9 @@ no global kid -> key map to confuse.
 
 `KeysDir` is the file registry of the reference receiver: `keys_dir/<tenant>/<store>/<device>.pub`,
 each 64 hex characters (the raw Ed25519 public key); the kid is computed from the key, never
-taken from a name. It is the only layout. A registry of record (PostgreSQL, issue 15's device
-table with revocation) implements the same `DeviceKeys` protocol.
+taken from a name. It is the only layout: a folder holding only flat `<device>.pub` files (the
+old layout) is refused at start (`edge-cloud keys migrate` moves them). A registry of record
+(PostgreSQL, issue 15's device table with revocation) implements the same `DeviceKeys` protocol.
 
 Reload. A miss (unregistered device, or a new key after re-enrollment) reloads the folder, at
 most once per `reload_interval` seconds (clock injected), so a flood of unknown kids costs one
@@ -68,7 +69,15 @@ def load_keys_dir(keys_dir: Path) -> tuple[dict[Ids, Registered], list[str]]:
             f"the device keys folder {keys_dir} does not exist",
             hint="create it; put each device's key at <tenant>/<store>/<device>.pub (64 hex chars)",
         )
-    problems = [f"{f.name}: not used: keys live at <tenant>/<store>/<device>.pub" for f in flat]
+    if flat and not files:
+        raise KeyError_(
+            f"the device keys folder {keys_dir} has {len(flat)} key(s) in the old flat layout (<device>.pub) "
+            "and none at <tenant>/<store>/<device>.pub: the receiver would answer no device",
+            hint=f"move them: edge-cloud keys migrate --keys-dir {keys_dir} --tenant TENANT --store STORE "
+            "(or by hand to TENANT/STORE/<device>.pub)",
+        )
+    problems = [f"{f.name}: not used: keys live at <tenant>/<store>/<device>.pub (edge-cloud keys migrate)"
+                for f in flat]  # fmt: skip
     keys: dict[Ids, Registered] = {}
     for f in files:
         ids = (f.parent.parent.name, f.parent.name, f.name[: -len(".pub")])
@@ -132,3 +141,27 @@ def register_key(keys_dir: Path, ids: Ids, public_hex: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(public_hex.strip() + "\n", encoding="ascii")
     return path
+
+
+def migrate_flat_keys(keys_dir: Path, tenant: str, store: str) -> tuple[list[Path], list[str]]:
+    """Move every flat `keys_dir/<device>.pub` to `keys_dir/<tenant>/<store>/<device>.pub`.
+
+    Returns (moved to, problems); a file whose device name is not an id, or whose target exists,
+    stays where it is and is reported. ValueError when tenant or store is not an id."""
+    for name, v in (("tenant", tenant), ("store", store)):
+        if not ID_RE.fullmatch(v):
+            raise ValueError(f"{name} {v!r} is not an id ([a-z0-9][a-z0-9_-]{{0,62}})")
+    moved: list[Path] = []
+    problems: list[str] = []
+    for f in sorted(keys_dir.glob("*.pub")):
+        device = f.name[: -len(".pub")]
+        target = key_path(keys_dir, (tenant, store, device))
+        if not ID_RE.fullmatch(device):
+            problems.append(f"{f.name}: the device name must be an id ([a-z0-9][a-z0-9_-]{{0,62}}); left in place")
+        elif target.exists():
+            problems.append(f"{f.name}: {target} already exists; left in place")
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            f.rename(target)
+            moved.append(target)
+    return moved, problems

@@ -8,17 +8,27 @@ so there is nothing else to settle: a batch lost in a crash before the commit is
 device, which deletes a batch only on our signed `ok` ack. Reconnects with jittered,
 escalating backoff (1 s doubling to 30 s).
 
-Bounds. Over MQTT 5 the client announces a Maximum Packet Size (`max_payload` plus topic and
-header room), so a conforming broker never delivers a larger message; over 3.1.1 there is no
-such field, and the broker's own limit (mosquitto `message_size_limit`, NATS `max_payload`)
-should be set (docs/security.md, "The receiver"); the core refuses an oversized payload unread either way.
+Bounds. Received messages wait in aiomqtt's queue, capped at `max_queued` messages and
+`max_queued_bytes` payload bytes (`Inbox`): beyond either, a message is dropped, counted
+(`dropped`) and logged; paho has already sent its PUBACK, so the broker forgets it, but its
+device got no ack and resends it later. A group takes at most `max_group` messages and
+`max_group_bytes` payload bytes (always at least one message).
+
+Message size. Over MQTT 5 the client announces a Maximum Packet Size (`max_payload` plus topic
+and header room), so a conforming broker never delivers a larger message. MQTT 3.1.1 has no
+such field: the operator MUST set the broker's own limit (Mosquitto `max_packet_size`, or the
+older `message_size_limit`; NATS `max_payload`) to about `max_payload` (docs/security.md, "The receiver"),
+or one message can be as large as the broker allows; the core refuses an oversized payload
+unread either way, but by then the client has read it into memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import aiomqtt
 import structlog
@@ -35,12 +45,68 @@ log = structlog.get_logger()
 PACKET_SLACK = 64 * 1024  # topic, properties and fixed header around a payload
 
 
+def _not_queue_full(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Message queue is full")  # counted and logged by Inbox
+
+
+CLIENT_LOG = logging.getLogger("cloud.mqtt.client")  # aiomqtt's, without its line per dropped message
+CLIENT_LOG.addFilter(_not_queue_full)
+
+
+def payload_size(m: aiomqtt.Message) -> int:
+    return len(m.payload) if isinstance(m.payload, bytes | bytearray) else 0
+
+
+@dataclass(slots=True)
+class InboxStats:
+    dropped: int = 0  # messages dropped because the queue was full (count or bytes)
+    dropped_bytes: int = 0
+
+
+def inbox_type(max_bytes: int, stats: InboxStats) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """An asyncio.Queue class (aiomqtt's `queue_type`) that also caps the payload bytes it holds.
+
+    aiomqtt calls `put_nowait` from paho's callback and drops the message on QueueFull; this
+    counts every drop. A message larger than `max_bytes` still enters an empty queue, so one
+    big (but allowed) message cannot wedge the receiver."""
+
+    class Inbox(asyncio.Queue[aiomqtt.Message]):
+        held = 0  # payload bytes queued
+
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            size = payload_size(item)
+            if self.held + size > max_bytes and not self.empty():
+                self._drop(size)
+            try:
+                super().put_nowait(item)
+            except asyncio.QueueFull:
+                self._drop(size)
+            self.held += size
+
+        def get_nowait(self) -> aiomqtt.Message:
+            item = super().get_nowait()
+            self.held -= payload_size(item)
+            return item
+
+        def _drop(self, size: int) -> None:
+            stats.dropped += 1
+            stats.dropped_bytes += size
+            if stats.dropped & (stats.dropped - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a flood logs little
+                log.warning("receiver_queue_full", dropped=stats.dropped, queued=self.qsize(),
+                            queued_bytes=self.held, hint="not acked, the devices resend; raise max_queued(_bytes) "
+                            "or add receivers")  # fmt: skip
+            raise asyncio.QueueFull
+
+    return Inbox
+
+
 class MqttTransport:
     """`Transport` over one aiomqtt client (see the module doc)."""
 
     def __init__(self, cfg: ReceiverConfig) -> None:
         self._cfg = cfg
         self._ready = asyncio.Event()
+        self.inbox = InboxStats()
 
     @property
     def ready(self) -> asyncio.Event:
@@ -62,8 +128,9 @@ class MqttTransport:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho has no annotation here
             props.MaximumPacketSize = cfg.limits.max_payload + PACKET_SLACK
         return aiomqtt.Client(
-            cfg.host, cfg.port, identifier=cfg.client_id, protocol=proto, tls_params=tls,
+            cfg.host, cfg.port, identifier=cfg.client_id, protocol=proto, tls_params=tls, logger=CLIENT_LOG,
             keepalive=cfg.keepalive, socket_options=NO_DELAY, properties=props,
+            max_queued_incoming_messages=cfg.max_queued, queue_type=inbox_type(cfg.max_queued_bytes, self.inbox),
         )  # fmt: skip
 
     async def run(self, stop: asyncio.Event, handler: Handler) -> None:
@@ -88,6 +155,9 @@ class MqttTransport:
                     delay = min(delay * 2, 30.0)
         finally:
             self._ready.clear()
+            if self.inbox.dropped:
+                log.warning("receiver_dropped_total", dropped=self.inbox.dropped,
+                            dropped_bytes=self.inbox.dropped_bytes)  # fmt: skip
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event, handler: Handler) -> None:
         messages = client.messages
@@ -100,8 +170,13 @@ class MqttTransport:
                     nxt.cancel()
                     return
                 group = [nxt.result()]
+                size = payload_size(group[0])
                 while len(messages) and len(group) < self._cfg.max_group:
-                    group.append(await anext(messages))
+                    m = await anext(messages)  # queued: returns at once
+                    group.append(m)
+                    size += payload_size(m)
+                    if size >= self._cfg.max_group_bytes:
+                        break
                 items: Sequence[Inbound] = [
                     Inbound(m.topic.value, bytes(m.payload) if isinstance(m.payload, bytes | bytearray) else b"")
                     for m in group

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from cloud.ack import AckSigner
+from cloud.ack import AckSigner, DuplicateAcks
 from cloud.config import ReceiverConfig, load_receiver_config
 from cloud.core import GroupResult, IngestCore
 from cloud.identity import DeviceKeys, KeysDir
@@ -40,6 +40,7 @@ EventSink = Callable[[Mapping[str, Any]], None]
 class ReceiverStats:
     accepted: int = 0  # batches stored
     duplicates: int = 0  # batches already stored (acked ok again, not rewritten)
+    duplicate_acks_suppressed: int = 0  # of those, not answered: acked within duplicate_ack_interval
     rejected: dict[str, int] = field(default_factory=dict)  # by spec reason (answered or not)
     gaps: int = 0  # times a device's seq jumped by more than 1
     resets: int = 0  # times a device started over at seq 1
@@ -57,6 +58,7 @@ class ReceiverStats:
         c = r.counts
         self.accepted += c["accepted"]
         self.duplicates += c["duplicate"]
+        self.duplicate_acks_suppressed += c["duplicate_acks_suppressed"]
         self.events += c["events"]
         self.gaps += c["gaps"]
         self.resets += c["resets"]
@@ -106,7 +108,8 @@ class Receiver:
         except (OSError, sqlite3.Error) as exc:
             raise StartupError("receiver", f"cannot open the store ({cfg.db}, {cfg.out}): {exc}") from exc
         self._core = IngestCore(store=self._store, keys=self._keys, signer=AckSigner(cloud_key, cfg.prefix),
-                                limits=cfg.limits, prefix=cfg.prefix, clock=self._clock)  # fmt: skip
+                                limits=cfg.limits, prefix=cfg.prefix, clock=self._clock,
+                                duplicate_acks=DuplicateAcks(cfg.duplicate_ack_interval))  # fmt: skip
         return self._core
 
     def close(self) -> None:

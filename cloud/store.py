@@ -75,7 +75,8 @@ class Accepted:
 
 @dataclass(slots=True, frozen=True)
 class Rejected:
-    """A refused batch, for the quarantine record. Only authenticated input has a reliable hh."""
+    """A refused, AUTHENTICATED batch, for the quarantine record (unauthenticated input is never
+    recorded: anybody can publish it, and its hh is not reliable)."""
 
     ids: Ids  # from the topic
     seq: int | None
@@ -83,7 +84,6 @@ class Rejected:
     kid: str | None
     reason: str  # an uplink-v1 reason (or "deferred")
     detail: str
-    authenticated: bool  # signature and body hash verified
     received_ms: int
 
 

@@ -33,44 +33,43 @@ from edge.wire.uplink import Batch, Limits, decode_body, parse_batch, verify_sig
 
 @dataclass(slots=True, frozen=True)
 class Refusal(Exception):
-    """Why a batch was refused; `authenticated` decides whether it may be answered (signed)."""
+    """Why a batch was refused. Which stage raised it decides whether it may be answered: only
+    `check`'s refusals (after `authenticate` passed) get a signed rejection (cloud/core.py)."""
 
     reason: str
     detail: str
-    authenticated: bool
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}"
 
 
 def parse(payload: bytes, limits: Limits) -> Batch:
-    """Bounded, single parse; Refusal (unauthenticated) when the bytes are not a batch."""
+    """Bounded, single parse; Refusal (never answered) when the bytes are not a batch."""
     try:
         return parse_batch(payload, limits=limits)
     except WireError as exc:
-        raise Refusal(exc.reason, str(exc), authenticated=False) from None
+        raise Refusal(exc.reason, str(exc)) from None
 
 
 def authenticate(batch: Batch, topic_ids: Ids, keys: DeviceKeys) -> None:
-    """Key bound to the topic's identity, signature, body hash; Refusal (unauthenticated) if not."""
+    """Key bound to the topic's identity, signature, body hash; Refusal (never answered) if not."""
     key = keys.key_for(topic_ids, batch.kid)
     if key is None:
         raise Refusal(
             "unknown-key",
             f"kid {batch.kid[:32]!r} is not the key registered for {'/'.join(topic_ids)}",
-            authenticated=False,
         )
     try:
         verify_signature(batch, key)
     except WireError as exc:
-        raise Refusal(exc.reason, str(exc), authenticated=False) from None
+        raise Refusal(exc.reason, str(exc)) from None
 
 
 def check(batch: Batch, topic_ids: Ids, limits: Limits) -> list[dict[str, Any]]:
-    """After `authenticate`: topic match and body; returns the events. Refusal (authenticated)."""
+    """After `authenticate`: topic match and body; returns the events. Refusal (answered, signed)."""
     if batch.ids != topic_ids:
-        raise Refusal("topic-mismatch", "header tenant/store/device differ from the topic's", authenticated=True)
+        raise Refusal("topic-mismatch", "header tenant/store/device differ from the topic's")
     try:
         return decode_body(batch, limits)
     except WireError as exc:
-        raise Refusal(exc.reason, str(exc), authenticated=True) from None
+        raise Refusal(exc.reason, str(exc)) from None

@@ -60,3 +60,39 @@ def test_receive_help_names_the_receivers_config(capsys: pytest.CaptureFixture[s
     text = capsys.readouterr().out
     assert "the receiver's YAML config" in text
     assert "device's" not in text
+
+
+def test_flat_device_keys_refuse_the_receiver_and_keys_migrate_moves_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only old-layout keys (keys_dir/<device>.pub): `edge-cloud receive` exits 2 before touching the
+    broker, saying how to move them; `edge-cloud keys migrate` moves each to <tenant>/<store>/,
+    leaves a name that is not an id in place (exit 1), and the receiver's keys then load."""
+    from cloud.identity import load_keys_dir
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    pub = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+    (keys / "edge-01.pub").write_text(pub + "\n")
+    (keys / "edge-02.pub").write_text(pub + "\n")
+    cloud_key = tmp_path / "cloud.key"
+    assert main(["keys", "create", "--out", str(cloud_key)]) == 0
+    conf = tmp_path / "receiver.yaml"
+    conf.write_text(f"broker: mqtt://127.0.0.1:1\nkeys_dir: keys\ncloud_key: {cloud_key}\n")
+    capsys.readouterr()
+    assert main(["receive", "--config", str(conf)]) == 2
+    out = capsys.readouterr().out
+    assert "old flat layout" in out
+    assert f"edge-cloud keys migrate --keys-dir {keys} --tenant TENANT --store STORE" in out
+
+    (keys / "Bad Name.pub").write_text(pub + "\n")
+    assert main(["keys", "migrate", "--keys-dir", str(keys), "--tenant", "acme", "--store", "s001"]) == 1
+    cap = capsys.readouterr()
+    assert "2 key(s) moved, 1 left in place" in cap.out
+    assert "Bad Name.pub" in cap.err
+    assert (keys / "acme" / "s001" / "edge-01.pub").read_text() == pub + "\n"
+    assert not (keys / "edge-01.pub").exists()
+    loaded, problems = load_keys_dir(keys)
+    assert sorted(loaded) == [("acme", "s001", "edge-01"), ("acme", "s001", "edge-02")]
+    assert len(problems) == 1  # the flat file left in place, reported, no longer fatal
+    assert main(["keys", "migrate", "--keys-dir", str(keys), "--tenant", "Acme!", "--store", "s001"]) == 2

@@ -6,9 +6,11 @@ device reset), the commit-before-ack rule, and the Store seam as the SQLite stor
 
 from __future__ import annotations
 
+import itertools
+import sqlite3
 import tracemalloc
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,5 +165,130 @@ def test_amplifying_payload_costs_little_memory_and_is_not_answered(tmp_path: Pa
         assert [parse_ack(a.payload).seq for a in result.acks] == [1]
         assert receiver.stats.unauthenticated == 2
         assert peak < 8 * 1024 * 1024, peak  # the old receiver built ~1.4 GiB of lists from this
+    finally:
+        receiver.close()
+
+
+def _rows(db: Path, device: str) -> list[tuple[int, int, int, int]]:
+    """(seq, epoch, linked, detached) of a device's stored batches, read straight from the SQLite file."""
+    with closing(sqlite3.connect(db)) as con:
+        rows = con.execute("SELECT seq, epoch, linked, detached FROM batches WHERE device = ? ORDER BY seq, epoch",
+                           (device,)).fetchall()  # fmt: skip
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
+
+
+def test_every_arrival_order_of_one_chain_ends_linked_in_one_epoch_with_no_reset(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """All 120 orders of seqs 1..5 of one chain (3, 4 then 1, 2 included): every batch is accepted
+    into epoch 1 and ends linked, no reset is recorded, no rejection or deferral; the device's next
+    batch (6) is linked with no gap, and a later fork of seq 3 gets a signed chain-broken, never a
+    silent deferral."""
+    orders = list(itertools.permutations(range(5)))
+    devices = [Device(f"edge-p{i:03d}") for i in range(len(orders))]
+    for dev in devices:
+        dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        for dev, order in zip(devices, orders, strict=True):
+            chain = [dev.seal() for _ in range(5)]
+            acks = [a for i in order for a in send(receiver, dev, chain[i])]
+            assert [(a.seq, a.ok) for a in acks] == [(i + 1, True) for i in order], order
+            gaps = receiver.stats.gaps
+            (nxt,) = send(receiver, dev, dev.seal())
+            assert nxt.ok
+            assert receiver.stats.gaps == gaps, order
+            assert _rows(receiver_db(tmp_path), dev.ids[2]) == [(s, 1, 1, 0) for s in range(1, 7)], order
+            _, _, fork = dev.seal(seq=3, prev=chain[1][1], tag="fork")
+            (ack,) = send(receiver, dev, (3, b"", fork))
+            assert (ack.seq, ack.ok, ack.err) == (3, False, "chain-broken"), order
+        assert receiver.stats.resets == 0
+        assert receiver.stats.deferred == 0
+        assert receiver.stats.rejected == {"chain-broken": len(orders)}
+    finally:
+        receiver.close()
+
+
+def test_a_device_that_starts_over_still_opens_a_new_epoch(tmp_path: Path, receiver: Receiver) -> None:
+    """The late-first rule does not hide a genuine reset: a second, different seq 1 while the epoch
+    holds its seq 1 is a reset (epoch 2), and the new chain links there."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        assert all(a.ok for a in send(receiver, dev, *[dev.seal() for _ in range(3)]))
+        dev.restart_from_scratch()
+        assert all(a.ok for a in send(receiver, dev, *[dev.seal(tag="new") for _ in range(2)]))
+        assert receiver.stats.resets == 1
+        assert _rows(receiver_db(tmp_path), dev.ids[2]) == [(1, 1, 1, 0), (1, 2, 1, 0), (2, 1, 1, 0),
+                                                             (2, 2, 1, 0), (3, 1, 1, 0)]  # fmt: skip
+    finally:
+        receiver.close()
+
+
+def receiver_db(tmp_path: Path) -> Path:
+    return tmp_path / "r.db"
+
+
+def test_replayed_stored_batch_gets_at_most_one_ack_per_interval(tmp_path: Path) -> None:
+    """Anybody may republish a stored batch (answered before authentication): the first resend is
+    acked ok, further ones within duplicate_ack_interval (5 s by default) are not (counted), another
+    seq is independent, and after the interval a resend is answered again."""
+    (tmp_path / "keys").mkdir()
+    cfg = ReceiverConfig(broker="mqtt://127.0.0.1:1", keys_dir=tmp_path / "keys", db=tmp_path / "r.db",
+                         out=tmp_path / "events.jsonl", cloud_key=cloud_key_file(tmp_path))  # fmt: skip
+    clock = FakeClock()
+    r = Receiver(cfg, clock=clock)
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    r.open()
+    try:
+        b1, b2 = dev.seal(), dev.seal()
+        assert [a.seq for a in send(r, dev, b1, b2)] == [1, 2]
+        assert [a.seq for a in send(r, dev, b1, b1, b1, b2)] == [1, 2]
+        clock.mono += 4.9
+        assert send(r, dev, b1) == []
+        assert (r.stats.duplicates, r.stats.duplicate_acks_suppressed) == (5, 3)
+        clock.mono += 0.2
+        assert [(a.seq, a.ok) for a in send(r, dev, b1)] == [(1, True)]
+        b3 = dev.seal()
+        assert [(a.seq, a.ok) for a in send(r, dev, b3, b3)] == [(3, True)]  # stored once, acked once
+    finally:
+        r.close()
+
+
+def test_the_duplicate_ack_limiter_forgets_the_least_recent_key_beyond_its_capacity() -> None:
+    """Memory is bounded: beyond `capacity` keys the least recently answered is forgotten (answered again)."""
+    from cloud.ack import DuplicateAcks
+
+    limiter = DuplicateAcks(interval=5.0, capacity=2)
+    ids = ("acme", "s001", "edge-01")
+    assert limiter.allow(ids, 1, 0.0)
+    assert not limiter.allow(ids, 1, 1.0)
+    assert limiter.allow(ids, 2, 1.0)
+    assert limiter.allow(ids, 3, 1.0)  # capacity 2: seq 1 evicted
+    assert limiter.allow(ids, 1, 2.0)
+
+
+def test_a_late_first_batch_of_a_new_chain_displaces_an_older_chains_unlinked_batches(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The price of the late-first rule: when the epoch holds only unlinked batches of an older chain
+    (3, 4 of a life whose 1, 2 never arrived), a new chain's seq 1 joins the epoch instead of
+    opening one; its batches that link then displace the older 3 and 4 (detached, kept), and none
+    of the new chain is refused or deferred."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        old = [dev.seal(tag="old") for _ in range(4)]
+        assert all(a.ok for a in send(receiver, dev, old[2], old[3]))
+        dev.restart_from_scratch()
+        new = [dev.seal(tag="new") for _ in range(4)]
+        acks = [a for b in new for a in send(receiver, dev, b)]
+        assert [(a.seq, a.ok) for a in acks] == [(1, True), (2, True), (3, True), (4, True)]
+        assert (receiver.stats.detached, receiver.stats.deferred, receiver.stats.rejected) == (2, 0, {})
+        rows = _rows(receiver_db(tmp_path), dev.ids[2])
+        assert sorted(rows) == [(1, 1, 1, 0), (2, 1, 1, 0), (3, 1, 0, 1), (3, 1, 1, 0), (4, 1, 0, 1), (4, 1, 1, 0)]
     finally:
         receiver.close()

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -633,3 +634,15 @@ def test_edge_cloud_receive_runs_logs_json_and_stops_on_sigterm(tmp_path: Path, 
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WAIT, check=False)
     assert done.returncode == 2
     assert f"{conf}:3: keys_dirs: unknown key 'keys_dirs'; did you mean 'keys_dir'?" in done.stdout
+
+
+def test_an_unset_client_id_is_unique_per_receiver_and_a_set_one_is_kept(tmp_path: Path) -> None:
+    """Shared subscriptions are on by default, so two receivers on defaults must not share a client
+    id (the broker would kick one off each time the other connects)."""
+    a = ReceiverConfig(cloud_key=tmp_path / "k")
+    b = ReceiverConfig(cloud_key=tmp_path / "k")
+    assert a.shared_group == "edge-receivers"
+    assert re.fullmatch(r"edge-receiver-[0-9a-f]{8}", a.client_id)
+    assert a.client_id != b.client_id
+    assert a.resolved(tmp_path).client_id == a.client_id  # fixed for the life of the process
+    assert ReceiverConfig(cloud_key=tmp_path / "k", client_id="r-7").client_id == "r-7"

@@ -124,3 +124,35 @@ async def test_signed_export_refuses_beside_a_running_daemon(
     assert f"pid {os.getpid()}" in capsys.readouterr().err
     assert not stick.exists()
     assert not stick.with_name(stick.name + ".partial").exists()
+@pytest.mark.parametrize(
+    ("tail", "says"),
+    [
+        (b"\x00\x05edge/\x00\x00\x01\x00abc", "file cut short (payload)"),  # 256 bytes promised, 3 there
+        (b"\x00\x05edge/\xff\xff\xff\xf0abc", "file cut short (an oversized payload"),  # above max_payload
+    ],
+)
+def test_a_cut_short_last_record_is_reported_and_what_came_before_stays_imported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tail: bytes, says: str
+) -> None:
+    """The stick was pulled mid-write: the last record is truncated (or claims an oversized payload the
+    file does not hold). The import exits 2 naming the problem, and the two whole batches before it
+    are stored (a re-import finds them already stored)."""
+    from test_receiver import Device, cloud_key_file
+
+    dev = Device("edge-usb")
+    dev.register(tmp_path / "rkeys")
+    rconf = tmp_path / "receiver.yaml"
+    rconf.write_text(f"broker: mqtt://127.0.0.1:1\nkeys_dir: rkeys\ncloud_key: {cloud_key_file(tmp_path)}\n")
+    buf = io.BytesIO()
+    buf.write(MAGIC)
+    for _ in range(2):
+        write_record(buf, dev.topic, dev.seal()[2])
+    stick = tmp_path / "stick.bin"
+    stick.write_bytes(buf.getvalue() + tail)
+    capsys.readouterr()
+    assert cloud_main(["import", "--config", str(rconf), str(stick)]) == 2
+    cap = capsys.readouterr()
+    assert says in cap.err
+    assert "after 2 record(s), which are imported" in cap.err
+    assert "2 batches stored (6 events)" in cap.out
+    assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 6

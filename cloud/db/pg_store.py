@@ -150,7 +150,7 @@ class _Txn:
         self._conn.execute(
             "INSERT INTO rejected_batches (tenant, store, device, seq, hh, kid, reason, authenticated, detail,"
             " received_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (*(x[:63] for x in r.ids), r.seq, r.hh, (r.kid or "")[:64] or None, r.reason[:32], r.authenticated,
+            (*(x[:63] for x in r.ids), r.seq, r.hh, (r.kid or "")[:64] or None, r.reason[:32], True,  # only authenticated input is ever quarantined
              r.detail.encode()[:1000].decode(errors="ignore"),
              dt.datetime.fromtimestamp(r.received_ms / 1000, dt.UTC)))
 

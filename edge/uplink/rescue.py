@@ -41,7 +41,8 @@ def write_record(fh: BinaryIO, topic: str, payload: bytes) -> None:
 def read_records(fh: BinaryIO, *, max_payload: int) -> Iterator[tuple[str, bytes]]:
     """(topic, payload) per record; ValueError on a file that is not this framing or is cut short.
 
-    A payload above `max_payload` is skipped unread and yielded as b"" (the core refuses it)."""
+    A payload above `max_payload` is skipped (read in chunks, not kept) and yielded as b"" (the core
+    refuses it). Records before a cut-short one have been yielded when the ValueError comes."""
     if fh.read(len(MAGIC)) != MAGIC:
         raise ValueError("not an edge-batches-v1 file (made by `edge export --signed`)")
     while True:
@@ -57,13 +58,21 @@ def read_records(fh: BinaryIO, *, max_payload: int) -> Iterator[tuple[str, bytes
             raise ValueError("file cut short (topic)")
         (plen,) = struct.unpack(">I", size)
         if plen > max_payload:
-            fh.seek(plen, os.SEEK_CUR)
+            _skip(fh, plen)  # read and dropped in bounded chunks: a cut-short file is still noticed
             yield topic.decode("utf-8", "replace"), b""
             continue
         payload = fh.read(plen)
         if len(payload) < plen:
             raise ValueError("file cut short (payload)")
         yield topic.decode("utf-8", "replace"), payload
+
+
+def _skip(fh: BinaryIO, n: int) -> None:
+    while n > 0:
+        chunk = fh.read(min(n, 1 << 16))
+        if not chunk:
+            raise ValueError(f"file cut short (an oversized payload, {n} bytes missing)")
+        n -= len(chunk)
 
 
 async def export_signed(cfg: Config, out: Path, clock: Clock) -> tuple[int, int]:
