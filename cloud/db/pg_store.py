@@ -147,10 +147,11 @@ class _Txn:
                            (*ids, seq, hh))
 
     def reject(self, r: Rejected) -> None:
+        # only authenticated input is ever quarantined (cloud/core.py), so `authenticated` is always true
         self._conn.execute(
             "INSERT INTO rejected_batches (tenant, store, device, seq, hh, kid, reason, authenticated, detail,"
             " received_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (*(x[:63] for x in r.ids), r.seq, r.hh, (r.kid or "")[:64] or None, r.reason[:32], True,  # only authenticated input is ever quarantined
+            (*(x[:63] for x in r.ids), r.seq, r.hh, (r.kid or "")[:64] or None, r.reason[:32], True,
              r.detail.encode()[:1000].decode(errors="ignore"),
              dt.datetime.fromtimestamp(r.received_ms / 1000, dt.UTC)))
 
