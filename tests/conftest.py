@@ -78,3 +78,13 @@ def postgres() -> Iterator[LocalPostgres]:
 def pg_dsn(postgres: LocalPostgres) -> str:
     """DSN of a fresh, empty database on the session's PostgreSQL."""
     return fresh_database(postgres)
+
+
+@pytest.fixture(autouse=True)
+def _restore_umask() -> Iterator[None]:
+    """Commands run in-process (`edge demo`, `edge-cloud import`) set umask 0077 as they must in
+    production; it must not leak into later tests (e.g. folders PostgreSQL's user has to traverse)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)

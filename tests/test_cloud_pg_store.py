@@ -60,8 +60,9 @@ def test_events_and_dedupe_rows_are_stored_once_whatever_the_resends(
     try:
         batches = [dev.seal(n_events=5) for _ in range(4)]
         acks = send(receiver, dev, *batches[:3], batches[1])  # a resend inside the group
-        assert [(a.seq, a.ok) for a in acks] == [(1, True), (2, True), (3, True), (2, True)]
-        assert [(a.seq, a.ok) for a in send(receiver, dev, batches[3], batches[0])] == [(4, True), (1, True)]
+        # the resend is stored once; its second ack is held back (duplicate acks: one per seq per interval)
+        assert [(a.seq, a.ok) for a in acks] == [(1, True), (2, True), (3, True)]
+        assert next((a.seq, a.ok) for a in send(receiver, dev, batches[3], batches[0])) == (4, True)
     finally:
         receiver.close()
     assert _one(pg_dsn, "SELECT count(*) FROM batches") == 4
