@@ -84,6 +84,10 @@ def test_structlog_values_and_message_are_scrubbed() -> None:
 
 def test_stdlib_third_party_loggers_are_scrubbed() -> None:
     """aiomqtt/bleak log through stdlib logging; their lines pass the same scrubber."""
+    for name in ("aiomqtt", "bleak.backends.bluezdbus"):  # earlier tests may have tuned these loggers
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.NOTSET)
+        lg.disabled, lg.propagate = False, True
     buf = io.StringIO()
     configure_logging("info", "json", buf)
     logging.getLogger("aiomqtt").warning("peer %s sent aa:bb:cc:dd:ee:ff", RAW["mac_dash"])
