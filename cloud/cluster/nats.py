@@ -20,10 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from cloud.cluster.binaries import find_nats_server
 from cloud.cluster.errors import ClusterError
 from cloud.cluster.natsconf import ClusterLimits, NodeSpec, User, render_node
 from cloud.cluster.procs import HOST, accepts, free_port, pid_alive, read_pid, tail, terminate
+
+MQTT_PROBE_TIMEOUT = 5.0  # one CONNECT → CONNACK attempt; retried until the start deadline
 
 START_TIMEOUT = 30.0  # a cold 3-node cluster elects its meta leader in ~2 s; CI is slower
 
@@ -58,6 +63,30 @@ def _healthy(node: NodeSpec, size: int) -> bool:
         return False
     meta = ((_monitor(node, "jsz") or {}).get("meta_cluster")) or {}
     return bool(meta.get("leader")) and int(meta.get("cluster_size") or 0) >= size
+
+
+def mqtt_connacks(node: NodeSpec, user: User, timeout: float = MQTT_PROBE_TIMEOUT) -> bool:
+    """An MQTT 3.1.1 CONNECT as `user` gets a CONNACK accepting it within `timeout`.
+
+    A port that accepts TCP is not yet an MQTT listener that answers: on the first connect of an
+    account a node creates the account's MQTT streams (replicated, so it needs the meta leader),
+    and until then CONNECT hangs. Probing here makes "ready" mean what edges need.
+    """
+    connected: list[bool] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-cloud-probe-{node.name}",
+                         protocol=mqtt.MQTTv311, clean_session=True)
+    client.username_pw_set(user.name, user.password)
+    client.on_connect = lambda _c, _u, _f, reason, _p: connected.append(not reason.is_failure)
+    deadline = time.monotonic() + timeout
+    try:
+        client.connect(node.host, node.mqtt_port, keepalive=10)
+        while not connected and time.monotonic() < deadline:
+            client.loop(timeout=0.05)
+        return bool(connected) and connected[0]
+    except (OSError, ValueError):
+        return False
+    finally:
+        client.disconnect()  # closes the socket too; harmless when the connect never happened
 
 
 class NatsCluster:
@@ -141,6 +170,7 @@ class NatsCluster:
     def wait_ready(self, nodes: Sequence[NodeSpec], timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         pending = list(nodes)
+        probe = next((u for u in self.users if u.permissions is None), None)  # the unrestricted user
         while pending:
             for node in list(pending):
                 proc = self._procs.get(node.name)
@@ -149,7 +179,8 @@ class NatsCluster:
                     raise ClusterError(f"nats node {node.name} exited with {proc.returncode} during start\n"
                                        f"{tail(node.dir / 'nats.out')}\n{tail(node.log_path)}",
                                        hint="a port may be taken, or the config is invalid")
-                if _healthy(node, len(self.nodes)) and accepts(node.host, node.mqtt_port):
+                if (_healthy(node, len(self.nodes)) and accepts(node.host, node.mqtt_port)
+                        and (probe is None or mqtt_connacks(node, probe))):
                     pending.remove(node)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(n.name for n in pending)
