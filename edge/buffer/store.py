@@ -440,6 +440,11 @@ class Buffer:
         return await asyncio.shield(task)
 
     def _tx(self) -> Tx:
+        """A transaction's working copy of the level and drops, adopted by `_apply` after
+        COMMIT. Both run under the lock, so the level may only ever change under the lock,
+        in the same locked step as the commit that changes the database: a change made
+        after the lock is released (as seal and ack once did) would be overwritten by the
+        next transaction's `_apply`, and lost too when its caller is cancelled meanwhile."""
         drops = {k: Drop(d.total, d.pending, d.first, d.last, d.last_ms) for k, d in self._drops.items()}
         return Tx(self._level.copy(), drops, self._clock.wall_ms())
 
@@ -604,9 +609,11 @@ class Buffer:
         done) if any of them is no longer stored."""
         if not events:
             raise ValueError("a batch holds at least one event")
-        batch, removed = await self._guard(
-            batches.seal, self._db, events, build, self._clock.wall_ms(), self._next_id
-        )
+        return await self._guard(self._seal, events, build)
+
+    async def _seal(self, events: list[StoredEvent], build: Build) -> SealedBatch:
+        # under the lock, like every change of the level (see _tx)
+        batch, removed = await batches.seal(self._db, events, build, self._clock.wall_ms(), self._next_id)
         for prio, n, size in removed:
             self._level.events[prio] -= n
             self._level.bytes[prio] -= size
@@ -620,7 +627,11 @@ class Buffer:
 
     async def ack(self, seq: int, hh: bytes) -> bool:
         """Delete pending batch `seq` only if its header hash is `hh`; whether it did."""
-        got = await self._guard(batches.ack, self._db, seq, hh, self._clock.wall_ms(), self._next_id)
+        return await self._guard(self._ack, seq, hh)
+
+    async def _ack(self, seq: int, hh: bytes) -> bool:
+        # under the lock, like every change of the level (see _tx)
+        got = await batches.ack(self._db, seq, hh, self._clock.wall_ms(), self._next_id)
         if got is None:
             return False
         self._level.batch_events -= got[0]
@@ -637,10 +648,12 @@ class Buffer:
 
     async def stats(self) -> BufferStats:
         """Backlog per source, sealed batches, drops, last ack, counters, queue, degraded."""
+        return await self._guard(self._stats)
+
+    async def _stats(self) -> BufferStats:
+        # the level read under the lock: the same snapshot as the rows gather() reads
         per_src = {src: (self._level.events[r], self._level.bytes[r], r) for src, r in self._rank.items()}
-        return await self._guard(
-            gather, self._db, per_src, self._next_id - 1, len(self._q), self._degraded
-        )
+        return await gather(self._db, per_src, self._next_id - 1, len(self._q), self._degraded)
 
     async def _guard(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """A locked operation for another component; SQLite errors become BufferError_."""
