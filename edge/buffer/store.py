@@ -645,10 +645,12 @@ class Buffer:
 
     async def stats(self) -> BufferStats:
         """Backlog per source, sealed batches, drops, last ack, counters, queue, degraded."""
+        return await self._guard(self._stats)
+
+    async def _stats(self) -> BufferStats:
+        # the level read under the lock: the same snapshot as the rows gather() reads
         per_src = {src: (self._level.events[r], self._level.bytes[r], r) for src, r in self._rank.items()}
-        return await self._guard(
-            gather, self._db, per_src, self._next_id - 1, len(self._q), self._degraded
-        )
+        return await gather(self._db, per_src, self._next_id - 1, len(self._q), self._degraded)
 
     async def _guard(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """A locked operation for another component; SQLite errors become BufferError_."""
