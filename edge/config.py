@@ -123,6 +123,23 @@ class Tls(Model):
         return self
 
 
+class MqttAuth(Model):
+    """MQTT user name and password (a store's broker credentials; NATS: user `<tenant>.<store>`).
+
+    The password is read from `password_file` when connecting, never written in the YAML file
+    (configs are pushed and shown; a credential in them would travel with them).
+    """
+
+    username: str | None = Field(default=None, min_length=1, max_length=256)
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _file_needs_user(self) -> MqttAuth:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username: give both, or username alone")
+        return self
+
+
 class Discovery(Model):
     interfaces: list[str] = Field(default_factory=list)  # empty: all
     timeout: Duration = 5.0
@@ -148,6 +165,7 @@ class Uplink(Model):
     broker: str = "mqtt://127.0.0.1:1883"
     prefix: str = "edge/v1"
     tls: Tls = Field(default_factory=Tls)
+    auth: MqttAuth = Field(default_factory=MqttAuth)
     discovery: Discovery = Field(default_factory=Discovery)
     batch: BatchLimits = Field(default_factory=BatchLimits)
     window: int = Field(default=8, ge=1, le=1024)

@@ -80,9 +80,13 @@ def _keys(cfg: Config, clock: Clock, config_path: str) -> list[tuple[str, str]]:
 
 def _tls(cfg: Config) -> list[tuple[str, str]]:
     up = cfg.uplink
-    if not up.enabled or up.broker.startswith("mqtt://"):  # plain MQTT does not use them
-        return []
     out: list[tuple[str, str]] = []
+    if up.enabled and up.auth.password_file is not None:
+        problem = _readable_file(up.auth.password_file)
+        if problem:
+            out.append(("uplink.auth.password_file", problem))
+    if not up.enabled or up.broker.startswith("mqtt://"):  # plain MQTT does not use them
+        return out
     for name in ("ca_file", "cert_file", "key_file"):
         path: Path | None = getattr(up.tls, name)
         if path is None:

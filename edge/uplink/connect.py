@@ -19,6 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -122,6 +123,8 @@ class ConnectParams:
     tls_context: ssl.SSLContext | None
     keepalive: int
     timeout: float
+    username: str | None = None
+    password: str | None = None
 
     @property
     def url(self) -> str:
@@ -150,6 +153,8 @@ class ConnectParams:
             protocol=protocol,
             properties=properties,
             tls_context=self.tls_context,
+            username=self.username,
+            password=self.password,
             keepalive=self.keepalive,
             timeout=self.timeout,
             socket_options=NO_DELAY,
@@ -186,7 +191,31 @@ def connect_params(
         if warned is not None:
             warned.add(note)
     ctx = tls_context(uplink.tls) if address.tls else None
-    return ConnectParams(address, ctx, keepalive=round(uplink.keepalive), timeout=timeout)
+    return ConnectParams(address, ctx, keepalive=round(uplink.keepalive), timeout=timeout,
+                         username=uplink.auth.username, password=read_password(uplink.auth.password_file))
+
+
+def read_password(path: Path | None) -> str | None:
+    """The MQTT password in `path` (one line; the trailing newline an editor adds is not part of it)."""
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise KeyError_(f"uplink.auth.password_file {path} cannot be read: {exc.strerror or exc}",
+                        hint="check the path and that the service user may read it") from exc
+    if len(raw) > 4096:
+        raise KeyError_(f"uplink.auth.password_file {path} holds {len(raw)} bytes, expected one line",
+                        hint="put only the password in the file")
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise KeyError_(f"uplink.auth.password_file {path} is not UTF-8 text",
+                        hint="put only the password in the file") from exc
+    if not text or "\n" in text:
+        raise KeyError_(f"uplink.auth.password_file {path} must hold exactly one non-empty line",
+                        hint="put only the password in the file")
+    return text
 
 
 # -- explaining failures -------------------------------------------------------------------------
