@@ -24,7 +24,7 @@ from edge.logs import capture_uncaught, configure_logging
 from edge.notify import Notifier, ServiceLink
 from edge.preflight import startup_problems, state_dir_problems
 from edge.statelock import StateLock, StateLocked
-from edge.supervisor import ComponentFactory, Supervisor, install_signal_handlers
+from edge.supervisor import RESTART_EXIT, ComponentFactory, Supervisor, install_signal_handlers
 
 
 def components_for(
@@ -49,7 +49,8 @@ def components_for(
 
 async def run_daemon(
     cfg: Config, config_path: str, *, notifier: Notifier | None = None, clock: Clock | None = None
-) -> None:
+) -> bool:
+    """Run until stopped; True when the stop was a requested restart (the `restart` command)."""
     clock = clock or SystemClock()
     notifier = notifier or Notifier.from_env()
     stop = asyncio.Event()
@@ -63,13 +64,15 @@ async def run_daemon(
         await sup.run(stop)
     finally:
         await link.close()
+    return sup.restart_requested
 
 
 PRIVATE_UMASK = 0o077  # buffer.db (+ -wal, -shm), runtime.json, keys: owner only, whoever started us
 
 
 def run_main(config_path: str) -> int:
-    """`edge run`: 0 after a clean stop, 1 when a component fails to start, 2 for a config
+    """`edge run`: 0 after a clean stop, RESTART_EXIT (75) after a stop for the `restart` command,
+    1 when a component fails to start, 2 for a config
     problem (the same checks as `edge check-config`) or a state folder another daemon holds."""
     no_core = disable_core_dumps()  # first: memory will hold raw identifiers (edge/coredump.py)
     os.umask(PRIVATE_UMASK)  # systemd sets UMask=0077; a shell's 022 would leave the buffer world-readable
@@ -99,9 +102,12 @@ def _run_locked(cfg: Config, config_path: str, no_core: bool, log: structlog.typ
     if not no_core:
         log.warning("core_dumps_not_disabled", hint="set LimitCORE=0 in the unit or ulimit -c 0")
     try:
-        asyncio.run(run_daemon(cfg, config_path))
+        restart = asyncio.run(run_daemon(cfg, config_path))
     except StartupError as exc:
         log.error("startup_failed", component=exc.component, error=str(exc))
         print(f"edge: {exc}", file=sys.stderr)
         return 1
+    if restart:
+        log.info("exit_for_restart", exit_status=RESTART_EXIT)
+        return RESTART_EXIT
     return 0

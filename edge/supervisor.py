@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +34,7 @@ from edge.analytics.wiring import build_analytics, driver_config
 from edge.buffer import Buffer
 from edge.clock import Clock
 from edge.config import Config
+from edge.downlink.consent import ConsentSync
 from edge.errors import EdgeError, StartupError
 from edge.pipeline import Pipeline, Sink, build_pipeline
 from edge.privacy.consent import ConsentList
@@ -44,6 +45,9 @@ from edge.privacy.stage import PrivacyStage
 log = structlog.get_logger("edge.supervisor")
 
 RUNTIME_FILE = "runtime.json"
+# exit status of `edge run` after a requested restart (EX_TEMPFAIL); systemd/edge.service restarts
+# on it (RestartForceExitStatus) without counting it as a failure (SuccessExitStatus)
+RESTART_EXIT = 75
 
 
 class Component(Protocol):
@@ -83,6 +87,10 @@ class Runtime:
         self.pumps: dict[str, PumpProgress] = {}
         # store analytics (edge/analytics/): `snapshot()` for the web page; None when disabled
         self.analytics: StoreAnalytics | None = None
+        # consent from the cloud (downlink-v1 §Consent) when `cloud_consent`; the downlink applies shards to it
+        self.consent_sync: ConsentSync | None = None
+        # `restart` command: drain and stop, then exit with RESTART_EXIT for the service manager
+        self.request_restart: Callable[[], None] = lambda: None
 
 
 def open_keys(cfg: Config, clock: Clock, config_path: str | None = None) -> KeyStore:
@@ -107,7 +115,10 @@ class Supervisor:
         components: Sequence[ComponentFactory] = (),
         config_path: str | None = None,
         on_ready: Callable[[Runtime], Awaitable[None] | None] | None = None,
+        cloud_consent: bool = False,
     ) -> None:
+        """`cloud_consent`: stable pseudonyms are consented by the cloud's consent shards
+        (edge/downlink/consent.py, `Runtime.consent_sync`) instead of `privacy.consent_file`."""
         self.cfg = cfg
         self.clock = clock
         self._driver_factory = drivers
@@ -117,12 +128,23 @@ class Supervisor:
         self.runtime: Runtime | None = None
         self._driver_tasks: list[asyncio.Task[None]] = []
         self._ticker: asyncio.Task[None] | None = None
+        self._cloud_consent = cloud_consent
+        self._stop: asyncio.Event | None = None
+        self.restart_requested = False
+
+    def request_restart(self) -> None:
+        """Stop as on SIGTERM (drain included); `run()` returns with `restart_requested` set."""
+        self.restart_requested = True
+        log.info("restart_requested")
+        if self._stop is not None:
+            self._stop.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; then drain and stop everything in reverse order."""
         cfg, clock = self.cfg, self.clock
+        self._stop = stop
         keys = open_keys(cfg, clock, self._config_path)
-        consent = ConsentList(cfg.privacy.consent_file, clock) if cfg.privacy.consent_file else None
+        consent, consent_sync = self._consent()
         try:
             pz = Pseudonymizer(cfg.privacy, keys, consent)
         except EdgeError as exc:
@@ -140,8 +162,7 @@ class Supervisor:
             sink = AnalyticsSink(buffer, analytics, cfg.privacy.mode)
         pipeline, _cards = build_pipeline(clock, privacy, sink, receipt_parsers=receipt_parsers(cfg.drivers.pos))
         rt = Runtime(cfg, clock, keys, buffer, pipeline)
-        rt.analytics = analytics
-        self.runtime = rt
+        await self._attach(rt, analytics, consent_sync)
         if analytics is not None:
             self._ticker = asyncio.create_task(run_ticker(analytics, buffer), name="analytics")
         dcfg = driver_config(cfg)
@@ -179,6 +200,27 @@ class Supervisor:
             await self._wait(stop, rt)
         finally:
             await self._shutdown(rt, driver_tasks, started)
+
+    def _consent(self) -> tuple[Container[str] | None, ConsentSync | None]:
+        """The consent list the privacy layer consults: the cloud's shards, the file, or none."""
+        if self._cloud_consent:
+            sync = ConsentSync(self.cfg.paths.state_dir)
+            return sync, sync
+        if self.cfg.privacy.consent_file:
+            return ConsentList(self.cfg.privacy.consent_file, self.clock), None
+        return None, None
+
+    async def _attach(self, rt: Runtime, analytics: StoreAnalytics | None, sync: ConsentSync | None) -> None:
+        rt.analytics = analytics
+        rt.request_restart = self.request_restart
+        if sync is not None:
+            sync.bind(rt.buffer)
+            rt.consent_sync = sync
+            try:
+                await sync.resume()  # a purge a crash interrupted
+            except Exception as exc:  # the purge stays pending for the next start; ingest must start
+                log.error("consent_resume_failed", error=type(exc).__name__)
+        self.runtime = rt
 
     async def stop_drivers(self) -> int:
         """Stop reading from devices and commit what is in flight; the rest keeps running.
@@ -229,6 +271,8 @@ class Supervisor:
             log.error("drain_timeout", timeout_s=timeout)
         finally:
             await rt.buffer.close()
+            if rt.consent_sync is not None:
+                rt.consent_sync.close()
             write_runtime_status(rt, state="stopped")
 
 

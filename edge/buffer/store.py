@@ -31,14 +31,15 @@ import re
 import sqlite3
 import sys
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiosqlite
 import msgpack
 import structlog
 
-from edge.buffer import batches
+from edge.buffer import batches, purge
 from edge.buffer.batches import Build
 from edge.buffer.bounds import (
     INSERT_JSON,
@@ -86,6 +87,17 @@ def _classify(exc: BaseException) -> str:
     if code == sqlite3.SQLITE_IOERR:
         return "io_error"
     return "error"
+
+
+@dataclass(slots=True, frozen=True)
+class PurgeResult:
+    """What `purge_carrying` did: events deleted, the report's event id, sealed batches left
+    carrying a needle (and their events)."""
+
+    deleted: int
+    report_id: int
+    sealed_batches: int
+    sealed_events: int
 
 
 class Buffer:
@@ -590,6 +602,55 @@ class Buffer:
         if deleted:
             log.info("buffer_retention", deleted=deleted)
         return deleted
+
+    # ------------------------------------------------------------------ consent purge
+
+    async def purge_carrying(self, needles: Sequence[str], report_type: str,
+                             report: Callable[[int], dict[str, Any]]) -> PurgeResult:
+        """Delete every buffered unsent event that carries any of `needles` (edge/buffer/purge.py)
+        and store one `report_type` event with data `report(n deleted)`, in ONE transaction.
+        Events still queued are committed first, so they are looked at too. Sealed batches are
+        left alone and counted."""
+        await self.flush()
+        raw = [n.encode("utf-8") for n in needles]
+
+        async def run() -> PurgeResult:
+            db = self._db
+            tx = self._tx()
+            await db.execute("PRAGMA secure_delete = ON")
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    found = await purge.carrying(db, raw)
+                    if found.ids:
+                        await purge.delete_ids(db, found.ids)
+                    sealed = await purge.sealed_carrying(db, raw)
+                    eid = self._next_id
+                    body = self._packer.body(eid, tx.now, "edge", report_type, report(len(found.ids)))
+                    row: Row = (eid, tx.now, "edge", self._rank["edge"], len(body), body)
+                    await db.execute(INSERT_JSON, insert_params([row]))
+                    await self._write_next_id(eid + 1)
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await batches.rollback(db)
+                    raise
+            finally:
+                await db.execute("PRAGMA secure_delete = OFF")
+            for prio, n, size in found.removed:
+                tx.level.events[prio] -= n
+                tx.level.bytes[prio] -= size
+            tx.level.add([row])
+            self._apply(tx, eid + 1)
+            await purge.checkpoint(db)
+            return PurgeResult(len(found.ids), eid, sealed[0], sealed[1])
+
+        result = await self._guard(run)
+        for cb in list(self._listeners):
+            try:
+                cb(self.last_committed_id)
+            except Exception:  # a listener's bug must not stop the purge's report
+                log.exception("buffer_listener_error")
+        return result
 
     # ------------------------------------------------------------------ uplink side
 

@@ -62,6 +62,10 @@ class UplinkTrustError(EdgeError):
     """The uplink would trust acks it cannot authenticate (see `edge.config.Uplink.trust_problems`)."""
 
 
+class UplinkOffline(EdgeError):
+    """An action needs the broker session, and there is none."""
+
+
 class TokenBucket:
     """Bandwidth cap: `rate` bytes/s with one second of burst."""
 
@@ -171,6 +175,20 @@ class Uplink:
             "rejections": dict(self.rejections),
             **self.counters,
         }
+
+    async def resend_now(self) -> int:
+        """The `uplink.resend` command: every held unacked batch is published again now, those
+        waiting after a rejection too; returns how many. UplinkOffline when not connected (on
+        connecting, everything held goes anyway)."""
+        if not self._connected or self.state != "online":
+            raise UplinkOffline("the uplink is not connected; every held batch is resent when it connects")
+        for b in await self._rt.buffer.pending_batches():
+            self._inflight.setdefault(b.seq, b)
+        self._sent_at.clear()
+        self._retry_at.clear()
+        self._wake.set()
+        log.info("uplink_resend_requested", batches=len(self._inflight))
+        return len(self._inflight)
 
     def notify(self) -> None:
         """New events were committed: wake the sender (cheap, callable per commit)."""
