@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Sequence
 
 import structlog
 
@@ -48,7 +49,13 @@ def components_for(
 
 
 async def run_daemon(
-    cfg: Config, config_path: str, *, notifier: Notifier | None = None, clock: Clock | None = None
+    cfg: Config,
+    config_path: str,
+    *,
+    notifier: Notifier | None = None,
+    clock: Clock | None = None,
+    extra_components: Sequence[ComponentFactory] = (),
+    cloud_consent: bool = False,
 ) -> bool:
     """Run until stopped; True when the stop was a requested restart (the `restart` command)."""
     clock = clock or SystemClock()
@@ -58,7 +65,8 @@ async def run_daemon(
     link = ServiceLink(notifier, clock, liveness, stop, drain_timeout=cfg.health.drain_timeout)
     install_signal_handlers(stop, on_signal=link.on_signal)
     sup = Supervisor(
-        cfg, clock, components=components_for(cfg, liveness, config_path), config_path=config_path, on_ready=link.ready
+        cfg, clock, components=[*components_for(cfg, liveness, config_path), *extra_components],
+        config_path=config_path, on_ready=link.ready, cloud_consent=cloud_consent,
     )
     try:
         await sup.run(stop)
