@@ -332,3 +332,28 @@ async def test_a_document_without_an_id_gets_no_result(tmp_path: Path, body: dic
     assert pub.messages == []
     assert r.status()["malformed"] == 1
     r.close()
+
+
+async def test_status_is_edge_status_json_without_the_page_token(tmp_path: Path) -> None:
+    import yaml
+
+    from edge.downlink.wiring import status_of
+
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "identity": {"tenant": "acme", "store": "s1", "device": "d1"},
+        "paths": {"state_dir": str(state), "keys_dir": str(state / "keys")},
+        "health": {"listen": "0.0.0.0:8080", "token": "a-very-secret-page-token-0123456789"},
+    }))
+    clock = FakeClock()
+    pub = Published()
+    r = runner(state, clock, pub, CommandDeps(status=status_of(str(cfg))))
+    await r.handle(cmd("st", "status", clock))
+    (res,) = pub.results()
+    assert res["ok"] is True
+    assert res["result"]["device"] == "d1"
+    assert res["result"]["page"]["token"] == "[withheld]"  # noqa: S105 - the placeholder
+    assert "a-very-secret-page-token" not in pub.messages[0][1].decode()
+    r.close()

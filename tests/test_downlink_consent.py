@@ -245,3 +245,38 @@ async def test_sealed_batches_are_left_and_counted(tmp_path: Path, buffer: Buffe
     assert [b.seq for b in await buffer.pending_batches()] == [batch.seq]
     sync.close()
 
+
+
+class _FailingOnce:
+    """The buffer's purge, failing the first time (a full disk)."""
+
+    def __init__(self, buf: Buffer) -> None:
+        self.buf = buf
+        self.calls = 0
+
+    async def purge_carrying(self, needles: Any, report_type: str, report: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError("disk full")
+        return await self.buf.purge_carrying(needles, report_type, report)
+
+
+async def test_a_failed_purge_stays_pending_and_is_retried(tmp_path: Path, buffer: Buffer) -> None:
+    shard, (a, b) = same_shard(2)
+    flaky = _FailingOnce(buffer)
+    sync = ConsentSync(tmp_path / "state", flaky)
+    await sync.apply(consent_doc(shard, 1, [a, b]))
+    await buffer.put(visit(a, 1))
+    await buffer.put(visit(b, 2))
+    await buffer.flush()
+    with capture_logs() as logs:
+        await sync.apply(consent_doc(shard, 2, [b]))  # fails: a stays in the buffer, fallback applies
+    assert a not in sync
+    assert any(e["event"] == "consent_purge_failed" for e in logs)
+    assert any(e["data"].get("customer") == a for e in await stored(buffer))
+    await sync.apply(consent_doc(shard, 3, []))  # the next withdrawal retries the pending one too
+    events = await stored(buffer)
+    assert not any("customer" in e["data"] for e in events)
+    assert [e["data"] for e in events if e["type"] == "edge.consent_purged"] == [
+        {"shard": shard, "rev": 3, "events": 2}]
+    sync.close()

@@ -18,7 +18,8 @@ greater than the shard's current one (a replayed or reordered retained copy: `st
 3. every buffered unsent event carrying a withdrawn pseudonym is deleted in ONE buffer
    transaction together with one `edge.consent_purged` event `{"shard", "rev", "events": n}`
    (edge/buffer/purge.py; sealed batches are left as they are, see docs/privacy.md), and the
-   pending purge is cleared.
+   pending purge is cleared. A purge that fails (a full disk) stays pending and is retried
+   with the next withdrawing revision and at the next start.
 
 No log line, counter or report carries a pseudonym: only shards, revs and counts.
 `consent.db` holds the consented pseudonyms (as the consent file does) with `secure_delete` on
@@ -139,15 +140,19 @@ class ConsentSync:
             self._all.update(new)
             log.info("consent_shard_applied", shard=shard, rev=rev, consented=len(new), withdrawn=len(removed))
             if removed:
-                await self._purge(shard, rev, removed)
+                await self._run_pending()
 
     async def resume(self) -> None:
-        """Finish purges a crash or a stop interrupted (call once the buffer is bound)."""
+        """Finish purges a crash, a stop or a buffer error interrupted (call once the buffer is
+        bound; every revision that withdraws someone retries them too)."""
         async with self._lock:
-            rows = await asyncio.to_thread(
-                lambda: self._db.execute("SELECT shard, rev, removed FROM pending ORDER BY shard").fetchall())
-            for shard, rev, blob in rows:
-                await self._purge(shard, int(rev), list(msgpack.unpackb(blob, raw=False)))
+            await self._run_pending()
+
+    async def _run_pending(self) -> None:
+        rows = await asyncio.to_thread(
+            lambda: self._db.execute("SELECT shard, rev, removed FROM pending ORDER BY shard").fetchall())
+        for shard, rev, blob in rows:
+            await self._purge(shard, int(rev), list(msgpack.unpackb(blob, raw=False)))
 
     def _check(self, body: Mapping[str, Any]) -> tuple[str, int, frozenset[str]] | str:
         shard, rev, consented = body.get("shard"), body.get("rev"), body.get("consented")
@@ -189,8 +194,13 @@ class ConsentSync:
         if buffer is None:
             log.warning("consent_purge_deferred", shard=shard, rev=rev, reason="no buffer bound yet")
             return
-        result = await buffer.purge_carrying(
-            removed, PURGED_EVENT, lambda n: {"shard": shard, "rev": rev, "events": n})
+        try:
+            result = await buffer.purge_carrying(
+                removed, PURGED_EVENT, lambda n: {"shard": shard, "rev": rev, "events": n})
+        except Exception as exc:  # e.g. the disk is full: the purge stays pending and is retried
+            log.error("consent_purge_failed", shard=shard, rev=rev, error=type(exc).__name__,
+                      effect="fallback applies already; buffered events are deleted on the next try")
+            return
         await asyncio.to_thread(self._done, shard, rev)
         self.purged_events += result.deleted
         log.info("consent_purged", shard=shard, rev=rev, events=result.deleted,

@@ -11,6 +11,22 @@ from edge.downlink.trust import TrustedKeys
 from edge.supervisor import Runtime
 
 
+def status_of(config_path: str) -> Callable[[], dict[str, Any]]:
+    """The `status` command's result: `edge status --json` of this config, without the store
+    page's access token (a secret for the LAN, not for the broker and the cloud)."""
+
+    def status() -> dict[str, Any]:
+        from edge.status import collect_status
+
+        doc = collect_status(config_path)
+        page = doc.get("page")
+        if isinstance(page, dict) and page.get("token"):
+            page["token"] = "[withheld]"  # noqa: S105 - a placeholder, not a password
+        return doc
+
+    return status
+
+
 def command_deps(
     rt: Runtime,
     *,
