@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,11 @@ class Supervisor:
     def _consent(self) -> tuple[Container[str] | None, ConsentSync | None]:
         """The consent list the privacy layer consults: the cloud's shards, the file, or none."""
         if self._cloud_consent:
-            sync = ConsentSync(self.cfg.paths.state_dir)
+            try:
+                sync = ConsentSync(self.cfg.paths.state_dir)
+            except (sqlite3.Error, OSError) as exc:
+                raise StartupError("consent", f"{self.cfg.paths.state_dir}/consent.db: {exc}",
+                                   hint="check that the state dir is writable") from exc
             return sync, sync
         if self.cfg.privacy.consent_file:
             return ConsentList(self.cfg.privacy.consent_file, self.clock), None

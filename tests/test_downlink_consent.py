@@ -280,3 +280,20 @@ async def test_a_failed_purge_stays_pending_and_is_retried(tmp_path: Path, buffe
     assert [e["data"] for e in events if e["type"] == "edge.consent_purged"] == [
         {"shard": shard, "rev": 3, "events": 2}]
     sync.close()
+
+
+async def test_an_unreadable_stored_shard_counts_as_empty(tmp_path: Path) -> None:
+    import sqlite3
+
+    shard, members = same_shard(2)
+    sync = ConsentSync(tmp_path)
+    await sync.apply(consent_doc(shard, 1, members))
+    sync.close()
+    with sqlite3.connect(tmp_path / "consent.db") as db:
+        db.execute("UPDATE shards SET consented = x'c1c1'")  # 0xc1 is never valid MessagePack
+    again = ConsentSync(tmp_path)
+    assert again.counts() == (0, 0)
+    assert members[0] not in again
+    await again.apply(consent_doc(shard, 2, members[:1]))  # the next revision repairs it
+    assert again.counts() == (1, 1)
+    again.close()

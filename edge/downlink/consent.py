@@ -90,7 +90,12 @@ class ConsentSync:
         self.dropped: Counter[str] = Counter()
         self.purged_events = 0
         for shard, rev, blob in self._db.execute("SELECT shard, rev, consented FROM shards"):
-            members = frozenset(msgpack.unpackb(blob, raw=False))
+            try:
+                members = frozenset(str(p) for p in msgpack.unpackb(blob, raw=False))
+            except (ValueError, TypeError, msgpack.UnpackException):
+                # nobody in it counts as consented (fail closed) until the shard's next revision
+                log.error("consent_shard_unreadable", shard=str(shard)[:2])
+                continue
             self._shards[shard] = (int(rev), members)
             self._all |= members
 
