@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +66,8 @@ async def ingest_main(config_path: str) -> int:
         cfg = load_ingest_config(config_path)
     except ConfigError as exc:
         for p in exc.problems:
-            print(p)
-        print(f"{PROG}: {len(exc.problems)} problem(s) in {exc.path}")
+            print(p, file=sys.stderr)
+        print(f"{PROG}: {len(exc.problems)} problem(s) in {exc.path}", file=sys.stderr)
         return 2
     configure_logging(cfg.logging.level, cfg.logging.format)
     stop = asyncio.Event()
@@ -92,7 +93,7 @@ async def _serve(cfg: IngestConfig, stop: asyncio.Event) -> int:
         dsn = postgres_dsn(cfg)
         cloud_key = load_cloud_key(cfg.cloud_key)
     except KeyError_ as exc:
-        print(f"{PROG}: {exc}")
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     metrics = IngestMetrics()
     server = None if cfg.metrics.listen is None else MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port)
@@ -100,7 +101,8 @@ async def _serve(cfg: IngestConfig, stop: asyncio.Event) -> int:
         try:
             await server.start()
         except OSError as exc:
-            print(f"{PROG}: cannot listen on metrics.listen {cfg.metrics.listen}: {exc.strerror or exc}")
+            why = exc.strerror or exc
+            print(f"{PROG}: cannot listen on metrics.listen {cfg.metrics.listen}: {why}", file=sys.stderr)
             return 2
     nc: NATS | None = None
     try:
