@@ -80,8 +80,13 @@ class PgStore:
         conn, ddl = self._conn, self._ddl
         if conn is None or ddl is None:
             raise RuntimeError("the store is not open")
-        with conn.transaction():
+        with conn.transaction() as tx:
             yield _Txn(conn, self)
+        # psycopg leaves the block quietly, without COMMIT, when the connection broke inside it
+        # (the core survives per-message errors, so nothing else may raise): that group is NOT
+        # stored, and saying otherwise would send ok acks for lost batches
+        if tx.status is not tx.Status.COMMITTED:
+            raise psycopg.OperationalError(f"the transaction did not commit ({tx.status.value}): connection lost")
 
     def ensure_days(self, days: set[dt.date], txn: psycopg.Connection[tuple[Any, ...]], *, wrote: bool) -> None:
         """Make the day partitions exist: on the side connection (lock held for an instant), or, when
