@@ -51,9 +51,10 @@ class NatsSettings(_Model):
     def _urls(cls, v: list[str]) -> list[str]:
         for url in v:
             scheme, sep, rest = url.partition("://")
-            if not sep or scheme not in ("nats", "tls") or not rest or "@" in rest:
-                raise ValueError(f"{url!r}: expected nats://host:port or tls://host:port "
-                                 "(credentials go in user and password_file, not in the URL)")
+            if "@" in rest:  # never echoed: it may be a password
+                raise ValueError("a server URL holds credentials: put them in nats.user and nats.password_file")
+            if not sep or scheme not in ("nats", "tls") or not rest:
+                raise ValueError(f"{url!r}: expected nats://host:port or tls://host:port")
         return v
 
 

@@ -54,7 +54,8 @@ class _Unusable(Exception):
 
 
 # keys whose value is a secret or may carry one (a DSN with a password): named, never echoed
-_SECRETS: dict[tuple[object, ...], str] = {("health", "token"): "the token", ("postgres", "dsn"): "the DSN"}
+_SECRETS: dict[tuple[object, ...], str] = {("health", "token"): "the token", ("postgres", "dsn"): "the DSN",
+                                           ("nats", "servers"): "the server list"}
 
 
 def load_config(path: str | Path, *, trust: bool = True) -> Config:
