@@ -19,6 +19,7 @@ from edge.errors import ConfigError, EdgeError
 
 COMMANDS: tuple[str, ...] = (
     "cloud.commands.receive",
+    "cloud.commands.ingest",
     "cloud.commands.keys",
     "cloud.commands.importer",
     "cloud.cluster.cli",

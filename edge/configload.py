@@ -53,6 +53,11 @@ class _Unusable(Exception):
     """The file cannot be read or parsed at all: one problem, no validation."""
 
 
+# keys whose value is a secret or may carry one (a DSN with a password): named, never echoed
+_SECRETS: dict[tuple[object, ...], str] = {("health", "token"): "the token", ("postgres", "dsn"): "the DSN",
+                                           ("nats", "servers"): "the server list"}
+
+
 def load_config(path: str | Path, *, trust: bool = True) -> Config:
     """Read, parse and validate `path`; raise ConfigError listing every problem found.
 
@@ -192,8 +197,8 @@ def _describe(err: Any, where: str, root: yaml.Node, data: Any, model: type[Base
     value = err.get("input") if (value := _walk(data, loc)) is _NOTHING else value
     value = loc[-2] if loc[-1] == "[key]" else value
     shown = f"key {_show(value)}" if loc[-1] == "[key]" else _show(value)
-    if loc == ("health", "token"):
-        shown = "the token"  # a secret: never echoed, not even a wrong one
+    if loc in _SECRETS:
+        shown = _SECRETS[loc]  # a secret (or may hold one): never echoed, not even a wrong one
     human = _human(kind, msg, ctx, loc, value, model)
     return line, f"{where}:{line}: {_dotted(loc)}: {shown} is not valid: {human}"
 

@@ -9,6 +9,8 @@ claims data.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +151,44 @@ def test_a_store_that_cannot_commit_claims_nothing(tmp_path: Path, receiver: Rec
     finally:
         receiver.close()
     assert _one(pg_dsn, "SELECT count(*) FROM batches") == 1
+
+
+
+class DyingStore(PgStore):
+    """A PgStore whose server connection is terminated right after the group's first `add`."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with super().transaction() as txn:
+            real_add = txn.add
+            pid = txn._conn.info.backend_pid  # the backend of this very transaction
+
+            def add(acc: Any) -> None:
+                real_add(acc)
+                with psycopg.connect(self.dsn, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+            txn.add = add  # type: ignore[method-assign,assignment]  # wraps the real add
+            yield txn
+
+
+def test_a_connection_lost_inside_a_group_is_a_failed_commit_and_no_ok_ack_leaves(tmp_path: Path, pg_dsn: str) -> None:
+    """psycopg leaves a transaction block on a broken connection quietly, without COMMIT; the core
+    survives per-message errors. Regression: such a group was reported committed and its batches
+    acked ok although none was stored (found by stopping PostgreSQL under load)."""
+    migrate(pg_dsn)
+    (tmp_path / "keys").mkdir()
+    cfg = ReceiverConfig(broker="mqtt://127.0.0.1:1", keys_dir=tmp_path / "keys", db=tmp_path / "unused.db",
+                         out=tmp_path / "unused.jsonl", cloud_key=cloud_key_file(tmp_path))
+    r = Receiver(cfg, clock=FakeClock(), store=DyingStore(pg_dsn))
+    dev = Device("lost-1")
+    dev.register(tmp_path / "keys")
+    r.open()
+    try:
+        result = r.process([Inbound(dev.topic, dev.seal()[2]), Inbound(dev.topic, dev.seal()[2])])
+    finally:
+        r.close()
+    assert not result.committed
+    assert result.acks == []
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM batches").fetchone() == (0,)

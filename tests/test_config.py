@@ -25,7 +25,8 @@ from edge.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # config/ also holds files of other programs; everything else there is a device config
-NOT_DEVICE_CONFIGS = {"receiver.yaml"}  # `edge receive`'s config, validated by its own tests
+# `edge receive`'s and `edge-cloud ingest`'s configs, validated by their own tests
+NOT_DEVICE_CONFIGS = {"receiver.yaml", "cloud.yaml"}
 SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name not in NOT_DEVICE_CONFIGS)
 IDENTITY = "identity:\n  tenant: demo\n  store: store-001\n  device: edge-1\n"  # lines 1-4
 PLACEHOLDER = "cloud_public_key: SET-ME-run-edge-cloud-keys-create"  # what config/store.yaml ships

@@ -81,6 +81,36 @@ def test_verify_is_silent_and_exposure_is_ok() -> None:
     assert m.group(2) == "OK"
 
 
+def test_verify_checks_every_shipped_unit() -> None:
+    """No unit argument: every systemd/*.service is verified and rated, the worker's unit too."""
+    res = run_verify()
+    assert (res.returncode, res.stderr) == (0, ""), res.stderr
+    for unit in sorted(SYSTEMD.glob("*.service")):
+        m = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d) (\w+)", res.stdout)
+        assert m is not None, (unit.name, res.stdout)
+        assert float(m.group(1)) <= MAX_EXPOSURE
+        assert m.group(2) == "OK"
+
+
+def test_ingest_unit_runs_the_worker_as_its_own_user_hardened_with_its_secrets_as_credentials() -> None:
+    unit = SYSTEMD / "edge-cloud-ingest.service"
+    (execstart,) = values(unit, "ExecStart")
+    assert execstart == "/opt/store-edge/venv/bin/edge-cloud ingest --config /etc/edge-cloud/cloud.yaml"
+    for key, want in {
+        "DynamicUser": "yes", "ProtectSystem": "strict", "NoNewPrivileges": "yes", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "", "MemoryDenyWriteExecute": "yes",
+        "LimitCORE": "0", "RestartPreventExitStatus": "2", "KillSignal": "SIGTERM",
+    }.items():  # fmt: skip
+        assert values(unit, key) == [want], key
+    assert set(" ".join(values(unit, "RestrictAddressFamilies")).split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    creds = {v.split(":", 1)[0] for v in values(unit, "LoadCredential")}
+    assert creds == {"nats-password", "pg-password", "cloud-key"}
+    # the shipped config reads exactly those credentials
+    shipped = (ROOT / "config" / "cloud.yaml").read_text()
+    for name in creds:
+        assert f"/run/credentials/edge-cloud-ingest.service/{name}" in shipped
+
+
 def test_verify_fails_on_any_warning_and_on_weak_hardening(tmp_path: Path) -> None:
     """systemd-analyze exits 0 on an unknown key; verify.sh must not. Nor may hardening erode."""
     unit = (SYSTEMD / "edge.service").read_text()
@@ -266,3 +296,4 @@ def test_journal_stream_must_name_the_stream_itself() -> None:
         assert is_journal_stream(null, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         assert not is_journal_stream(null, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
         assert not is_journal_stream(null, {"JOURNAL_STREAM": "nonsense"})
+

@@ -55,9 +55,13 @@ class PgStore:
         self._encode = json_line_encoder()
 
     def open(self) -> None:
-        self._conn = psycopg.connect(self.dsn, connect_timeout=10)
-        self._ddl = psycopg.connect(self.dsn, connect_timeout=10, autocommit=True)
-        self._ddl.execute("SET lock_timeout = '2s'")
+        try:
+            self._conn = psycopg.connect(self.dsn, connect_timeout=10)
+            self._ddl = psycopg.connect(self.dsn, connect_timeout=10, autocommit=True)
+            self._ddl.execute("SET lock_timeout = '2s'")
+        except BaseException:
+            self.close()  # both or neither: a half-open store would never be reopened
+            raise
 
     def close(self) -> None:
         for conn in (self._conn, self._ddl):
@@ -66,7 +70,7 @@ class PgStore:
         self._conn = self._ddl = None
 
     def _reconnect_if_broken(self) -> None:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        if any(c is None or c.closed or c.broken for c in (self._conn, self._ddl)):
             self.close()
             self.open()
 
@@ -76,8 +80,13 @@ class PgStore:
         conn, ddl = self._conn, self._ddl
         if conn is None or ddl is None:
             raise RuntimeError("the store is not open")
-        with conn.transaction():
+        with conn.transaction() as tx:
             yield _Txn(conn, self)
+        # psycopg leaves the block quietly, without COMMIT, when the connection broke inside it
+        # (the core survives per-message errors, so nothing else may raise): that group is NOT
+        # stored, and saying otherwise would send ok acks for lost batches
+        if tx.status is not tx.Status.COMMITTED:
+            raise psycopg.OperationalError(f"the transaction did not commit ({tx.status.value}): connection lost")
 
     def ensure_days(self, days: set[dt.date], txn: psycopg.Connection[tuple[Any, ...]], *, wrote: bool) -> None:
         """Make the day partitions exist: on the side connection (lock held for an instant), or, when
