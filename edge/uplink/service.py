@@ -383,10 +383,9 @@ class Uplink:
             log.warning("ack_rejected", reason=reason, seq=ack.seq, ok=ack.ok)
             return
         if ack.ok:
-            if await self._rt.buffer.ack(ack.seq, ack.hh):
-                self.counters["acked"] += 1
-                self.counters["events_acked"] += batch.n
-                self.last_ack_ms = self._rt.clock.wall_ms()
+            # shielded: a stop or disconnect cancels this task, and a cancel landing on the
+            # buffer's COMMIT would delete the batch without counting it (seen end to end)
+            await asyncio.shield(self._delete_acked(ack.seq, ack.hh, batch.n))
             self._forget(ack.seq)
             return
         reason = ack.err or "unspecified"
@@ -416,6 +415,13 @@ class Uplink:
         self._retry_at.pop(seq, None)
         self._attempts.pop(seq, None)
         self._wake.set()
+
+    async def _delete_acked(self, seq: int, hh: bytes, n: int) -> None:
+        """Delete an acked batch and count it, as one step."""
+        if await self._rt.buffer.ack(seq, hh):
+            self.counters["acked"] += 1
+            self.counters["events_acked"] += n
+            self.last_ack_ms = self._rt.clock.wall_ms()
 
 
 _KNOWN_REASONS = frozenset(REASONS)
