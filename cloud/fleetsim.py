@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,10 +68,6 @@ class FleetSpec:
     ack_timeout: float = 15.0
     reconnect_initial: float = 0.5
     reconnect_max: float = 5.0
-    # the cloud's device registry (PostgreSQL DSN): each device's key is added there at open
-    registry_dsn: str | None = None
-    # store -> (MQTT user name, password file): the store's broker credentials (uplink.auth)
-    credentials: Mapping[str, tuple[str, Path]] | None = None
 
     def ids(self, i: int) -> tuple[str, str, str]:
         """(tenant, store, device) of device number `i` (from 1): one device per store.
@@ -162,10 +158,6 @@ def device_config(spec: FleetSpec, i: int) -> Config:
     """The edge config of device `i`: its identity, state and keys under `spec.state`, the uplink."""
     tenant, store, device = spec.ids(i)
     home = spec.state / store / device
-    auth: dict[str, str] = {}
-    if spec.credentials is not None and store in spec.credentials:
-        user, password_file = spec.credentials[store]
-        auth = {"username": user, "password_file": str(password_file)}
     return Config.model_validate({
         "identity": {"tenant": tenant, "store": store, "device": device},
         "paths": {"state_dir": str(home / "state"), "keys_dir": str(home / "keys")},
@@ -173,7 +165,7 @@ def device_config(spec: FleetSpec, i: int) -> Config:
         "uplink": {
             "broker": spec.broker, "prefix": spec.prefix, "cloud_public_key": spec.cloud_public_key,
             "window": spec.window, "ack_timeout": spec.ack_timeout,
-            "reconnect": {"initial": spec.reconnect_initial, "max": spec.reconnect_max}, "auth": auth,
+            "reconnect": {"initial": spec.reconnect_initial, "max": spec.reconnect_max},
         },
     })  # fmt: skip
 
@@ -252,19 +244,6 @@ class SimDevice:
         await self.rt.buffer.close()
 
 
-def register_in_registry(dsn: str, devices: Sequence[SimDevice]) -> None:
-    """Add every device's public key to the cloud's registry for its own (tenant, store, device)."""
-    import psycopg
-
-    from cloud.db.registry import add_device
-
-    with psycopg.connect(dsn) as conn:
-        for d in devices:
-            ident = d.cfg.identity
-            add_device(conn, tenant=ident.tenant, store=ident.store, device=ident.device,
-                       public_key=d.rt.keys.public_key())  # fmt: skip
-
-
 class Fleet:
     """Runs a `FleetSpec` (see the module doc). `run()` returns the report; `devices` for tests."""
 
@@ -294,11 +273,6 @@ class Fleet:
                                        return_exceptions=True)  # fmt: skip
         self.devices = [r for r in results if isinstance(r, SimDevice)]
         failed = [r for r in results if isinstance(r, BaseException)]
-        if not failed and self.spec.registry_dsn is not None:
-            try:
-                await asyncio.to_thread(register_in_registry, self.spec.registry_dsn, self.devices)
-            except Exception as exc:  # the fleet is closed and it is raised below
-                failed.append(exc)
         if failed:
             await self.close()
             raise failed[0]
