@@ -112,6 +112,8 @@ def totals(rows: list[Row]) -> dict[str, Any]:
         "dwell_p90_s": _weighted(rows, "dwell_p90_s"),
         "buckets": [(lab, _sum(rows, col)) for lab, col in DWELL_COLUMNS],
         "suppressed": _sum(rows, "suppressed") or 0,
+        # each suppressed footfall cell held 1..k-1 visits: how far above the sum the truth may be
+        "footfall_hidden_max": sum(int(r["footfall_suppressed"]) * max(0, int(r["k"] or 1) - 1) for r in rows),
         "partial_rows": _sum(rows, "partial_rows") or 0,
     }
 
@@ -191,7 +193,9 @@ def _store_section(idx: int, sd: StoreData, rep: Report) -> str:
         notes.append(f"{t['partial_rows']} interval(s) were cut short by a device restart: footfall around a"
                      " restart counts the visitors present twice.")
     tiles = "".join([
-        _tile("Visitors", fmt_int(t["visitors"]), "staff and fixed devices excluded"),
+        _tile("Visitors", fmt_int(t["visitors"]),
+              f"staff excluded; up to {fmt_int(t['footfall_hidden_max'])} more in suppressed intervals"
+              if t["footfall_hidden_max"] else "staff and fixed devices excluded"),
         _tile("Receipts", fmt_int(t["receipts"])),
         _tile("Conversion", fmt_pct(t["conversion"])),
         _tile("Median dwell", fmt_min(t["dwell_p50_s"]), "visit-weighted mean of interval medians"),
