@@ -50,7 +50,7 @@ def simulate(args: argparse.Namespace, state: Path) -> tuple[list[dict[str, Any]
 
 
 def scaled(row: dict[str, Any], shift_ms: int, f: float) -> dict[str, Any]:
-    out = json.loads(json.dumps(row))
+    out: dict[str, Any] = json.loads(json.dumps(row))
     out["start"] += shift_ms
     out["end"] += shift_ms
     for key in COUNTS:
