@@ -221,6 +221,12 @@ def _comparison(rep: Report) -> str:
              '<th class="num">Receipts</th><th class="num">Conversion</th><th class="num">Median dwell</th>'
              '<th class="num">Mean dwell</th><th class="num">Suppressed cells</th></tr></thead><tbody>'
              + "".join(body) + "</tbody></table>")
+    days = sorted({r["period_start"] for sd in rep.stores for r in sd.days})
+    z = ZoneInfo(rep.tz)
+    per_day = {sd.store: {r["period_start"]: visitors(r) for r in sd.days} for sd in rep.stores}
+    grid = heatmap("cmp-days", "visitors per store and day", [d.astimezone(z).strftime("%d %b") for d in days],
+                   names, [[per_day[n].get(d) for d in days] for n in names], width=1200, row_height=22,
+                   unit="visitors", noun="visitors", digits=0)
     charts = "".join([
         _figure("Visitors", hbar_chart("cmp-visitors", "visitors per store", names,
                                        [t["visitors"] for _, t in ranked], fmt=fmt_int)),
@@ -228,6 +234,9 @@ def _comparison(rep: Report) -> str:
                                          [t["conversion"] for _, t in ranked], fmt=fmt_pct)),
         _figure("Median dwell", hbar_chart("cmp-dwell", "median dwell per store", names,
                                            [t["dwell_p50_s"] for _, t in ranked], fmt=fmt_min, bar_class="bar-dwell")),
+        _figure("Receipts", hbar_chart("cmp-receipts", "receipts per store", names,
+                                       [t["receipts"] for _, t in ranked], fmt=fmt_int)),
+        _figure("Visitors per day, by store (ranked as above)", grid, wide=True),
     ])
     return (f'<section id="compare"><h2>Stores compared</h2><div class="card">{table}</div>'
             f'<div class="charts">{charts}</div></section>')

@@ -143,13 +143,16 @@ def line_chart(chart_id: str, label: str, labels: Sequence[str], values: Sequenc
 
 
 def heatmap(chart_id: str, label: str, labels: Sequence[str], zones: Sequence[str],
-            cells: Sequence[Sequence[float | None]], *, width: int = W) -> str:
-    """cells[z][i]: mean occupancy of zone z in column i, None = suppressed or no data; `width`:
-    of the viewBox (a chart across two columns is drawn wider, keeping its text size)."""
+            cells: Sequence[Sequence[float | None]], *, width: int = W, row_height: float | None = None,
+            unit: str = "people on average", noun: str = "people", digits: int = 1) -> str:
+    """cells[z][i]: the value of row z (a zone, or a store) in column i, None = suppressed or no
+    data; `width` of the viewBox (a chart across two columns is drawn wider, keeping its text
+    size); `row_height` fixes the rows' height (the chart grows with them) instead of the 220."""
     if not zones or not labels:
         return _empty(chart_id, label, "no zone data in this range")
-    s = _Svg(chart_id, label, width)
-    left, plot_h = 96, H - MT - MB
+    height = H if row_height is None else round(MT + MB + row_height * len(zones))
+    s = _Svg(chart_id, label, width, height)
+    left, plot_h = 96, height - MT - MB
     plot_w = width - left - MR
     row_h, col_w = plot_h / len(zones), plot_w / len(labels)
     top = max([0.0, *(v for row in cells for v in row if v is not None)])
@@ -170,9 +173,12 @@ def heatmap(chart_id: str, label: str, labels: Sequence[str], zones: Sequence[st
                       title=f"{zone}, {lab}: suppressed or no data")
             else:
                 s.add("rect", {**box, "class": "cell", "fill": ramp(v), "data-value": round(v, 2)},
-                      title=f"{zone}, {lab}: {v:.1f} people on average")
-    _x_labels(s, labels, left, col_w)
-    s.text(width - MR, H - 2, f"darker = more people (max {top:.1f})", anchor="end")
+                      title=f"{zone}, {lab}: {v:,.{digits}f} {unit}")
+    every = max(1, math.ceil(len(labels) / (8 * width / W)))
+    for i, lab in enumerate(labels):
+        if i % every == 0:
+            s.text(left + col_w * i + col_w / 2, height - MB + 16, lab)
+    s.text(width - MR, height - 2, f"darker = more {noun} (max {top:,.{digits}f})", anchor="end")
     return s.done()
 
 

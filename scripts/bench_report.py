@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -32,6 +33,7 @@ from cloud.cli import main as cloud_main
 from cloud.cluster.postgres import LocalPostgres
 from cloud.cluster.procs import free_port
 from cloud.db.migrate import migrate
+from cloud.report import load, render
 from hil.store.edge import DAY0_MS, StoreEdge
 from hil.store.sim import StoreDay
 
@@ -103,6 +105,14 @@ def main() -> int:
             print(f"day footfall: view {got[0]} - staff_new {got[1]} = {(got[0] or 0) - (got[1] or 0)};"
                   f" edge snapshot {edge_total}; simulated truth {truth}")
         last = (day0 + dt.timedelta(days=args.days - 1)).date().isoformat()
+        with psycopg.connect(pg.dsn) as conn:
+            t0 = time.perf_counter()
+            rep = load(conn, tenant="acme", store=None, day_from=day0.date(),
+                       day_to=day0.date() + dt.timedelta(days=args.days - 1), tz="UTC")
+            t1 = time.perf_counter()
+            render(rep)
+            print(f"of which: queries {t1 - t0:.2f} s, rendering {time.perf_counter() - t1:.2f} s"
+                  f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
         for scope in ([], ["--store", "s000"]):
             out = base / "report.html"
             t0 = time.perf_counter()

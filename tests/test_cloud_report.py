@@ -282,6 +282,10 @@ async def test_the_report_renders_every_chart_in_chromium_self_contained_and_cle
         for chart in ("cmp-visitors", "cmp-conversion", "cmp-dwell"):
             assert await page.locator(f"#{chart} rect[data-value]").count() == 2, chart
         assert await page.locator("#cmp-visitors rect[data-suppressed]").count() == 1
+        assert await page.locator("#cmp-receipts rect[data-value]").count() == 3  # s003: a published 0
+        # store x day: s001 and s002 on both days, s003 only on the 4th, and suppressed there
+        assert await page.locator("#cmp-days rect.cell[data-value]").count() == 4
+        assert await page.locator("#cmp-days rect.cell[data-suppressed]").count() == 2
         assert EVIL_ZONE[:14] in (await page.text_content("#s1-zones") or "")  # shown as text, truncated
         # the bound an unknown footfall leaves open: 2 NULL cells (one suppressed, one malformed) of
         # at most k-1 = 4 each, in each of s001 and s003
