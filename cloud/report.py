@@ -2,10 +2,11 @@
 
 The figures come from the KPI rollups of migration 0002 (`edge_kpi_store`, `edge_kpi_zone`: the
 functions behind the kpi_* views, here with the report's time zone so days are the stores'
-local days); a range total combines day rows with the same rules the rollups use (sums of
+local days). Only hour rows are read (one scan for the stores, one for the zones); a day's and
+the range's figures combine them with the rules the rollups use for intervals (sums of
 published cells, visit-weighted dwell figures, conversion over the intervals where receipts
-and footfall were both published), so it equals one rollup over the whole range. Nothing
-suppressed at the edge is filled in: a NULL stays a hatched cell or a dash.
+and footfall were both published), which is exact: a day of hours equals the day rollup.
+Nothing suppressed at the edge is filled in: a NULL stays a hatched cell or a dash.
 
 The page is one file: inline CSS (the store page's stylesheet, edge/web/static/style.css, plus
 a few report rules), inline SVG drawn by cloud/report_svg.py, no script, no external URL, and a
@@ -39,7 +40,6 @@ _ZONE_SQL = ("SELECT * FROM edge_kpi_zone('hour', %s, %s, %s) WHERE tenant = %s 
 class StoreData:
     store: str
     hours: list[Row] = field(default_factory=list)
-    days: list[Row] = field(default_factory=list)
     zone_hours: list[Row] = field(default_factory=list)
 
 
@@ -70,9 +70,8 @@ def load(conn: psycopg.Connection[Any], *, tenant: str, store: str | None, day_f
         return by.setdefault(name, StoreData(name))
 
     with conn.cursor(row_factory=dict_row) as cur:
-        for unit in ("hour", "day"):
-            for row in cur.execute(_STORE_SQL, (unit, tz, lo, hi, tenant, store, store)).fetchall():
-                getattr(of(row["store"]), unit + "s").append(row)
+        for row in cur.execute(_STORE_SQL, ("hour", tz, lo, hi, tenant, store, store)).fetchall():
+            of(row["store"]).hours.append(row)
         for row in cur.execute(_ZONE_SQL, (tz, lo, hi, tenant, store, store)).fetchall():
             of(row["store"]).zone_hours.append(row)
     return Report(tenant, store, day_from, day_to, tz, [by[k] for k in sorted(by)],
@@ -93,13 +92,9 @@ def _weighted(rows: list[Row], col: str) -> float | None:
     return sum(v * w for v, w in pairs) / n if n else None
 
 
-def visitors(row: Row) -> int | None:
-    """Visits started less those that turned out to be staff (docs/analytics.md)."""
-    return None if row["footfall"] is None else max(0, int(row["footfall"]) - int(row["staff_new"] or 0))
-
-
 def totals(rows: list[Row]) -> dict[str, Any]:
-    """The range's figures from its day rows, combined like the rollups combine intervals."""
+    """The figures of a day or the range from its hour rows, combined like the rollups combine
+    intervals (so a day's equal the day view's: tests/test_cloud_report.py checks it)."""
     footfall, staff_new = _sum(rows, "footfall"), _sum(rows, "staff_new")
     conv_r, conv_f = _sum(rows, "conv_receipts"), _sum(rows, "conv_footfall")
     return {
@@ -151,9 +146,19 @@ def _tile(label: str, value: str, note: str = "") -> str:
             f'<div class="tile-value">{esc(value)}</div>{n}</div>')
 
 
+def by_day(hours: list[Row], tz: str) -> list[tuple[dt.date, dict[str, Any]]]:
+    """Each local day's totals: hours nest in the local days they were truncated in."""
+    z = ZoneInfo(tz)
+    days: dict[dt.date, list[Row]] = defaultdict(list)
+    for r in hours:
+        days[r["period_start"].astimezone(z).date()].append(r)
+    return [(d, totals(days[d])) for d in sorted(days)]
+
+
 def _store_section(idx: int, sd: StoreData, rep: Report) -> str:
     z = ZoneInfo(rep.tz)
-    t = totals(sd.days)
+    t = totals(sd.hours)
+    days = by_day(sd.hours, rep.tz)
     one_day = rep.day_from == rep.day_to
 
     def hour_label(r: Row) -> str:
@@ -161,7 +166,7 @@ def _store_section(idx: int, sd: StoreData, rep: Report) -> str:
         return local.strftime("%H:00") if one_day else local.strftime("%d %H:00")
 
     hl = [hour_label(r) for r in sd.hours]
-    dl = [r["period_start"].astimezone(z).strftime("%a %d %b") for r in sd.days]
+    dl = [d.strftime("%a %d %b") for d, _ in days]
     # heatmap: zone x hour of day, the mean of the hours' published means over the range
     acc: dict[tuple[str, int], list[float]] = defaultdict(list)
     hours_of_day = sorted({r["period_start"].astimezone(z).hour for r in sd.hours})
@@ -176,7 +181,8 @@ def _store_section(idx: int, sd: StoreData, rep: Report) -> str:
         _figure("Visitors per hour", bar_chart(f"{sid}-footfall-hour", "visitors per hour", hl,
                                                [r["footfall"] for r in sd.hours], unit="visitors")),
         _figure("Visitors per day", bar_chart(f"{sid}-footfall-day", "visitors per day", dl,
-                                              [visitors(r) for r in sd.days], unit="visitors", value_labels=True)),
+                                              [t_day["visitors"] for _, t_day in days], unit="visitors",
+                                              value_labels=True)),
         _figure("Conversion per hour (receipts ÷ visitors)",
                 line_chart(f"{sid}-conversion", "conversion per hour", hl, [r["conversion"] for r in sd.hours])),
         _figure("Time spent in store", bar_chart(f"{sid}-dwell", "dwell time histogram", [b for b, _ in hist],
@@ -207,7 +213,7 @@ def _store_section(idx: int, sd: StoreData, rep: Report) -> str:
 
 
 def _comparison(rep: Report) -> str:
-    rows = [(sd.store, totals(sd.days)) for sd in rep.stores]
+    rows = [(sd.store, totals(sd.hours)) for sd in rep.stores]
     ranked = sorted(rows, key=lambda x: (x[1]["visitors"] is None, -(x[1]["visitors"] or 0), x[0]))
     body = []
     for rank, (name, t) in enumerate(ranked, 1):
@@ -221,10 +227,9 @@ def _comparison(rep: Report) -> str:
              '<th class="num">Receipts</th><th class="num">Conversion</th><th class="num">Median dwell</th>'
              '<th class="num">Mean dwell</th><th class="num">Suppressed cells</th></tr></thead><tbody>'
              + "".join(body) + "</tbody></table>")
-    days = sorted({r["period_start"] for sd in rep.stores for r in sd.days})
-    z = ZoneInfo(rep.tz)
-    per_day = {sd.store: {r["period_start"]: visitors(r) for r in sd.days} for sd in rep.stores}
-    grid = heatmap("cmp-days", "visitors per store and day", [d.astimezone(z).strftime("%d %b") for d in days],
+    per_day = {sd.store: {d: t["visitors"] for d, t in by_day(sd.hours, rep.tz)} for sd in rep.stores}
+    days = sorted({d for v in per_day.values() for d in v})
+    grid = heatmap("cmp-days", "visitors per store and day", [d.strftime("%d %b") for d in days],
                    names, [[per_day[n].get(d) for d in days] for n in names], width=1200, row_height=22,
                    unit="visitors", noun="visitors", digits=0)
     charts = "".join([

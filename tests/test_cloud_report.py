@@ -16,6 +16,7 @@ batches, the ingest core, PgStore). What must hold:
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,7 @@ from cloud.config import ReceiverConfig
 from cloud.db.migrate import migrate
 from cloud.db.pg_store import PgStore
 from cloud.receiver import Receiver
+from cloud.report import DWELL_COLUMNS, by_day, load
 from cloud.transport import Inbound
 from edge.clock import FakeClock
 
@@ -181,6 +183,29 @@ def test_hour_and_day_views_give_the_hand_computed_figures(kpi_db: str) -> None:
     assert (zones["floor"]["occupancy_peak"], zones["floor"]["suppressed_intervals"]) == (12, 1)
     assert zones["till"]["occupancy_mean"] == pytest.approx((5.5 + 0) / 2)
     assert (zones["till"]["occupancy_peak"], zones["till"]["suppressed_intervals"]) == (7, 2)
+
+
+def test_the_reports_days_from_hours_equal_the_day_view(kpi_db: str) -> None:
+    """The report reads hour rows only and combines them; that must be the day rollup, exactly."""
+    with psycopg.connect(kpi_db) as conn:
+        rep = load(conn, tenant="acme", store=None, day_from=dt.date(2026, 12, 3), day_to=dt.date(2026, 12, 4),
+                   tz="UTC")
+    views = {(r["store"], r["period_start"].date()): r for r in rows(kpi_db, "SELECT * FROM kpi_store_day")}
+    compared = 0
+    for sd in rep.stores:
+        for day, t in by_day(sd.hours, "UTC"):
+            v = views[(sd.store, day)]
+            assert t["footfall"] == v["footfall"]
+            assert t["visitors"] == (None if v["footfall"] is None else v["footfall"] - (v["staff_new"] or 0))
+            assert t["receipts"] == v["receipts"]
+            assert t["conversion"] == pytest.approx(v["conversion"]) if v["conversion"] is not None \
+                else t["conversion"] is None
+            for col in ("dwell_mean_s", "dwell_p50_s", "dwell_p90_s"):
+                assert t[col] == pytest.approx(v[col]) if v[col] is not None else t[col] is None
+            assert t["buckets"] == [(b, v[c]) for b, c in DWELL_COLUMNS]
+            assert t["suppressed"] == (v["suppressed"] or 0)
+            compared += 1
+    assert compared == len(views) == 5
 
 
 def test_partial_rows_count_but_their_dwell_is_left_out(kpi_db: str) -> None:
