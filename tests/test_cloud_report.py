@@ -208,6 +208,20 @@ def test_the_reports_days_from_hours_equal_the_day_view(kpi_db: str) -> None:
     assert compared == len(views) == 5
 
 
+def test_hours_and_days_follow_the_time_zone_asked_for(kpi_db: str) -> None:
+    """India is UTC+5:30: its hours start at :30 UTC, so 09:00-09:30 UTC is the 14:00 hour there;
+    at UTC+14 (Kiritimati) s002's 11:00 UTC intervals fall on the next local day."""
+    ist = rows(kpi_db, "SELECT period_start, footfall, intervals FROM edge_kpi_store('hour', 'Asia/Kolkata')"
+                       " WHERE store = 's001' AND period_start < '2026-12-04' ORDER BY 1")
+    assert [(r["period_start"].astimezone(dt.UTC).isoformat(), r["footfall"], r["intervals"]) for r in ist] == [
+        ("2026-12-03T08:30:00+00:00", 30, 2), ("2026-12-03T09:30:00+00:00", 32, 4),
+        ("2026-12-03T10:30:00+00:00", 20, 2)]
+    kir = rows(kpi_db, "SELECT period_start AT TIME ZONE 'Pacific/Kiritimati' AS local, footfall"
+                       " FROM edge_kpi_store('day', 'Pacific/Kiritimati') WHERE store = 's002' ORDER BY 1")
+    assert [(r["local"].isoformat(), r["footfall"]) for r in kir] == [
+        ("2026-12-04T00:00:00", 120), ("2026-12-05T00:00:00", 128)]
+
+
 def test_partial_rows_count_but_their_dwell_is_left_out(kpi_db: str) -> None:
     (d2,) = rows(kpi_db, "SELECT * FROM kpi_store_day WHERE store = 's002' AND period_start = '2026-12-04'")
     assert (d2["intervals"], d2["partial_rows"], d2["footfall"], d2["visits"]) == (5, 1, 128, 90)
@@ -244,6 +258,11 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path: Path, capsys: pytes
         assert cloud_main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+    day = ["--from", "2026-12-04", "--to", "2026-12-04"]
+    assert cloud_main([*base[:-1], str(tmp_path), *day]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert cloud_main([*base[:-1], str(tmp_path / "no" / "r.html"), *day]) == 2
+    assert "its folder does not exist" in capsys.readouterr().err
 
 
 def test_an_empty_range_is_a_page_saying_so(tmp_path: Path, kpi_db: str) -> None:

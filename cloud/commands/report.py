@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     except _Usage as exc:
         print(f"edge-cloud report: {exc}", file=sys.stderr)
         return 2
-    if not args.out.resolve().parent.is_dir():
-        print(f"edge-cloud report: --out {args.out}: the folder does not exist", file=sys.stderr)
+    out = args.out.resolve()
+    if not out.parent.is_dir() or out.is_dir():
+        print(f"edge-cloud report: --out {args.out}: "
+              f"{'is a folder' if out.is_dir() else 'its folder does not exist'}", file=sys.stderr)
         return 2
     import psycopg
 
@@ -107,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
         except psycopg.Error as exc:
             raise DbError(f"reading the KPIs failed: {type(exc).__name__}: {exc}".strip()) from None
     page = render(rep)
-    _write(args.out, page)
+    try:
+        _write(out, page)
+    except OSError as exc:
+        print(f"edge-cloud report: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     what = f"{len(rep.stores)} store(s)" if rep.stores else "no data in the range"
     print(f"wrote {args.out} ({what}, {d0} to {d1}, {len(page) // 1024} KiB, {time.perf_counter() - t0:.2f} s)")
     return 0
