@@ -152,7 +152,8 @@ def kpi_db(tmp_path: Path, pg_dsn: str) -> str:
 
 
 def rows(dsn: str, sql: str) -> list[dict[str, Any]]:
-    with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+    # the session's time zone is the server's default: pin it, so dates read back are UTC dates
+    with psycopg.connect(dsn, options="-c TimeZone=UTC") as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         return cur.execute(sql.encode()).fetchall()
 
 
@@ -170,7 +171,7 @@ def test_hour_and_day_views_give_the_hand_computed_figures(kpi_db: str) -> None:
     assert h9["conversion"] == pytest.approx(18 / 42)  # the suppressed interval out of both sides
     assert (h9["suppressed"], h9["partial_rows"], h9["devices"]) == (7, 0, 1)
 
-    (d1,) = rows(kpi_db, "SELECT * FROM kpi_store_day WHERE store = 's001' AND period_start = '2026-12-03'")
+    (d1,) = rows(kpi_db, "SELECT * FROM kpi_store_day WHERE store = 's001' AND period_start = '2026-12-03 00:00+00'")
     assert (d1["intervals"], d1["footfall"], d1["staff_new"], d1["visits"], d1["receipts"]) == (8, 82, 5, 70, 26)
     assert d1["dwell_mean_s"] == pytest.approx((300 * 10 + 600 * 20 + 600 * 40) / 70)
     assert d1["dwell_p50_s"] == pytest.approx((240 * 10 + 480 * 20 + 600 * 40) / 70)
@@ -212,7 +213,7 @@ def test_hours_and_days_follow_the_time_zone_asked_for(kpi_db: str) -> None:
     """India is UTC+5:30: its hours start at :30 UTC, so 09:00-09:30 UTC is the 14:00 hour there;
     at UTC+14 (Kiritimati) s002's 11:00 UTC intervals fall on the next local day."""
     ist = rows(kpi_db, "SELECT period_start, footfall, intervals FROM edge_kpi_store('hour', 'Asia/Kolkata')"
-                       " WHERE store = 's001' AND period_start < '2026-12-04' ORDER BY 1")
+                       " WHERE store = 's001' AND period_start < '2026-12-04 00:00+00' ORDER BY 1")
     assert [(r["period_start"].astimezone(dt.UTC).isoformat(), r["footfall"], r["intervals"]) for r in ist] == [
         ("2026-12-03T08:30:00+00:00", 30, 2), ("2026-12-03T09:30:00+00:00", 32, 4),
         ("2026-12-03T10:30:00+00:00", 20, 2)]
@@ -223,7 +224,7 @@ def test_hours_and_days_follow_the_time_zone_asked_for(kpi_db: str) -> None:
 
 
 def test_partial_rows_count_but_their_dwell_is_left_out(kpi_db: str) -> None:
-    (d2,) = rows(kpi_db, "SELECT * FROM kpi_store_day WHERE store = 's002' AND period_start = '2026-12-04'")
+    (d2,) = rows(kpi_db, "SELECT * FROM kpi_store_day WHERE store = 's002' AND period_start = '2026-12-04 00:00+00'")
     assert (d2["intervals"], d2["partial_rows"], d2["footfall"], d2["visits"]) == (5, 1, 128, 90)
     assert (d2["dwell_p50_s"], d2["dwell_stats_visits"]) == (840, 80)
     assert d2["dwell_0_5m"] == 10
