@@ -246,6 +246,15 @@ def test_suppressed_cells_stay_null_and_malformed_fields_read_as_null(kpi_db: st
                         " AND period_start = '2026-12-04 09:00+00'")[0]["n"] == 2  # the list is skipped
 
 
+def test_retention_drops_day_partitions_under_the_views(kpi_db: str) -> None:
+    """The views read the partitioned parent: dropping old days (retention) is not blocked by
+    them, and the dropped days simply leave the rollups."""
+    with psycopg.connect(kpi_db, autocommit=True) as conn:
+        assert conn.execute("SELECT edge_drop_event_partitions('2026-12-04')").fetchone() == (1,)
+    days = rows(kpi_db, "SELECT DISTINCT period_start::date AS d FROM kpi_store_day ORDER BY 1")
+    assert [r["d"].isoformat() for r in days] == ["2026-12-04"]
+
+
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["report", "--dsn", "postgresql://nowhere/x", "--tenant", "acme", "--out", str(tmp_path / "r.html")]
     for extra, message in (
