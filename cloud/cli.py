@@ -26,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "cloud.db.cli",
     "cloud.commands.fleetsim",
     "cloud.commands.fleetdemo",
+    "cloud.commands.report",
 )
 
 
