@@ -6,7 +6,9 @@ What must hold when the NATS node the edge is connected to is killed (-9) during
 back: every event the edge generated is in PostgreSQL exactly once (the edge's own buffer is
 the truth: nothing is left unsent, its acked count equals what is stored, and its event ids
 1..n are all there), every epoch's batches run seq 1..k with each prev the previous batch's
-hash, nothing of the device is quarantined, and no stored event holds a raw identifier.
+hash, nothing of the device is quarantined, and no stored event holds a raw identifier. The
+edge is connected to the node that leads the batch stream, so its death also costs the stream
+its leader mid-load.
 
 The uplink takes one broker URL, so the edge reconnects to the same node once it is back.
 """
@@ -91,6 +93,17 @@ def stored(dsn: str, device: str) -> int:
     return int(row[0]) if row else 0
 
 
+async def stream_leader(cluster: RunningNats) -> str:
+    nc = await cluster.connect()
+    try:
+        info = await nc.jetstream().stream_info("EDGE_BATCHES")
+    finally:
+        await nc.close()
+    assert info.cluster is not None
+    assert info.cluster.leader
+    return info.cluster.leader
+
+
 async def until(cond: Any, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not await asyncio.to_thread(cond):
@@ -107,7 +120,8 @@ async def test_a_daemons_events_reach_postgresql_once_in_chain_order_across_a_ki
     t0 = time.monotonic()
     device = f"e2e-{secrets.token_hex(3)}"
     nodes = nats_cluster.nats.nodes
-    node = nodes[1]
+    leader = await stream_leader(nats_cluster)
+    node = next(n for n in nodes if n.name == leader)  # the worst node to lose
     broker = f"mqtt://{node.host}:{node.mqtt_port}"
     password = nats_cluster.password(f"{TENANT}.{STORE}")
     cfg = edge_yaml(tmp_path, device, broker, password, drivers=True)
@@ -129,7 +143,7 @@ async def test_a_daemons_events_reach_postgresql_once_in_chain_order_across_a_ki
         proc = start_edge(cfg, log)
         await until(lambda: stored(pg_dsn, device) >= 100, 30, "the edge's first events never reached PostgreSQL")
         before_kill = stored(pg_dsn, device)
-        nats_cluster.nats.kill(node)  # the edge's node: its connection, sessions and a stream replica die
+        nats_cluster.nats.kill(node)  # the edge's node: its connection and the batch stream's leader die
         killed_at = time.monotonic()
         await asyncio.sleep(3.0)  # the edge keeps generating, buffering, retrying its one broker
         assert proc.poll() is None, log.read_text()[-3000:]
