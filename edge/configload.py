@@ -357,7 +357,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                                               "keys_dir": rel(cfg.paths.keys_dir)}),
         "privacy": cfg.privacy.model_copy(update={"consent_file": rel(cfg.privacy.consent_file)}),
         "uplink": cfg.uplink.model_copy(update={"tls": tls.model_copy(update={
-            "ca_file": rel(tls.ca_file), "cert_file": rel(tls.cert_file), "key_file": rel(tls.key_file)})}),
+            "ca_file": rel(tls.ca_file), "cert_file": rel(tls.cert_file), "key_file": rel(tls.key_file)}),
+            "auth": cfg.uplink.auth.model_copy(update={"password_file": rel(cfg.uplink.auth.password_file)})}),
         "health": cfg.health.model_copy(update={"tls": htls.model_copy(update={
             "cert_file": rel(htls.cert_file), "key_file": rel(htls.key_file)})}),
     })

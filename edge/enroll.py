@@ -104,10 +104,12 @@ async def wait_for_answer(cfg: Config, params: ConnectParams, keys: KeyStore, *,
         except TimeoutError:
             break
         except (aiomqtt.MqttError, OSError) as exc:
-            w.connect_error = explain_connect_error(exc, url=params.url)
+            why = explain_connect_error(exc, url=params.url)
+            if why != w.connect_error:  # once per distinct cause, not per attempt
+                print(f"edge enroll: {why}; retrying", file=err)
+            w.connect_error = why
         else:
             return w
-        print(f"edge enroll: {w.connect_error}; retrying", file=err)
         await asyncio.sleep(max(0.0, min(rng.uniform(delay / 2, delay), deadline - loop.time())))
         delay = min(MAX_REPEAT, delay * 2)
     return w
