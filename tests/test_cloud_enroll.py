@@ -33,16 +33,23 @@ from pathlib import Path
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.aio.msg import Msg
 from support.nats import RunningNats
 from test_cloud_ingest_worker import Fleet, Worker
 from test_receiver import CLOUD
 
+from cloud.cluster.js_transport import Backoff
+from cloud.cluster.procs import free_port
+from cloud.control import ControlLoop, ControlMessage, EnrollHandler, Verdict
 from cloud.db.migrate import migrate
 from cloud.db.tokens import TokenKey, create_token
+from cloud.enroll import Enroller
 from cloud.fleetsim import SimDevice
+from cloud.metrics import IngestMetrics
 from edge.clock import SystemClock
 from edge.configload import load_config
 from edge.privacy.keys import KeyStore
+from edge.wire.downlink import build_enroll_request, verify_enrolled
 from edge.wire.uplink import kid_of, pack, public_raw
 
 pytestmark = pytest.mark.cloud
@@ -257,3 +264,68 @@ async def test_refusals_are_signed_by_the_cloud_and_pin_nothing(
     assert "ignored an answer that does not verify (bad-mac)" in err
     assert pinned(third) == [CLOUD_KID]
     assert kid_of(rogue_pub) not in out + (third.parent / "state" / "cloud_keys.json").read_text()
+
+
+async def test_the_control_loop_retries_while_postgres_is_down_and_answers_no_garbage(
+    tmp_path: Path, nats_cluster: RunningNats, pg_dsn: str
+) -> None:
+    """PostgreSQL unreachable: the request is nak'ed and counted `unavailable`, then decided once
+    the database answers; an unparseable request is counted and never answered."""
+    migrate(pg_dsn)
+    token_key = TokenKey.load(tmp_path / "token.key", create=True)
+    with psycopg.connect(pg_dsn) as conn:
+        token = create_token(conn, token_key, tenant="t-a", store="s-a", ttl=3600)
+    tag = secrets.token_hex(3)
+    device, junk = f"ctl-{tag}", f"ctl-junk-{tag}"
+    metrics = IngestMetrics()
+    nc = await nats_cluster.connect("worker")
+    admin = await nats_cluster.connect()
+    clock = SystemClock()
+    down = Enroller(f"postgresql://edge@127.0.0.1:{free_port()}/edge", token_key=token_key, cloud_key=CLOUD,
+                    prefix="edge/v1", clock=clock)  # fmt: skip
+    up = Enroller(pg_dsn, token_key=token_key, cloud_key=CLOUD, prefix="edge/v1", clock=clock)
+    seen: list[str] = []
+
+    async def enroll(msg: ControlMessage) -> Verdict:
+        if tag not in msg.topic:
+            return Verdict("foreign")  # what earlier tests left in the session's stream
+        seen.append(msg.topic)
+        first = seen.count(msg.topic) == 1 and device in msg.topic
+        return await EnrollHandler(nc, down if first else up)(msg)
+
+    loop = ControlLoop(nc, {"enroll": enroll}, metrics, backoff=Backoff(0.1, 0.5), fetch_wait=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    answers: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    async def on_answer(msg: Msg) -> None:
+        if tag in msg.subject:
+            await answers.put((msg.subject, msg.data))
+
+    sub = await admin.subscribe("edge.v1.t-a.s-a.*.enrolled", cb=on_answer)
+    try:
+        await admin.publish(f"edge.v1.t-a.s-a.{junk}.enroll", b"\xc1 not msgpack")
+        key = Ed25519PrivateKey.generate()
+        request = build_enroll_request(tenant="t-a", store="s-a", device=device, token_id=token.token_id,
+                                       secret=token.secret, key=key, t=clock.wall_ms())  # fmt: skip
+        await admin.publish(f"edge.v1.t-a.s-a.{device}.enroll", request)
+        subject, payload = await asyncio.wait_for(answers.get(), timeout=30)
+        assert subject == f"edge.v1.t-a.s-a.{device}.enrolled"
+        doc = verify_enrolled(payload, topic=subject.replace(".", "/"), prefix="edge/v1", secret=token.secret)
+        assert doc.body["ok"] is True
+        assert doc.body["cloud_keys"] == [public_raw(CLOUD.public_key())]
+        await asyncio.sleep(1.0)  # nothing more comes: the junk request gets no answer
+        assert answers.empty()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+        await sub.unsubscribe()
+        await admin.close()
+        await nc.close()
+        up.close()
+        down.close()
+    get = metrics.registry.get_sample_value
+    for result, n in (("unavailable", 1), ("accepted", 1), ("malformed", 1)):
+        assert get("edge_cloud_control_messages_total", {"kind": "enroll", "result": result}) == n, result
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT device FROM devices").fetchall() == [(device,)]
