@@ -209,19 +209,22 @@ class Uplink(Model):
                 raise ValueError(f"expected 64 hex characters (a raw Ed25519 public key); {MAKE_CLOUD_KEY}")
         return v
 
-    def trust_problems(self) -> list[tuple[str, str]]:
+    def trust_problems(self, *, pinned: bool = False) -> list[tuple[str, str]]:
         """(dotted key, message) for each way this uplink would trust what it must not.
 
-        `load_config` reports them (so `edge check-config` and `edge run` refuse the file with exit
-        2) and the uplink refuses to start with any (for configs built in code).
+        `pinned`: the state folder's cloud_keys.json holds a cloud key (`edge enroll` pinned it),
+        which stands in for `cloud_public_key`. `load_config` reports them (so `edge
+        check-config` and `edge run` refuse the file with exit 2) and the uplink refuses to start
+        with any (for configs built in code).
         """
         if not self.enabled:
             return []
         out: list[tuple[str, str]] = []
-        if self.cloud_public_key is None and not self.insecure_unsigned_acks:
+        if self.cloud_public_key is None and not pinned and not self.insecure_unsigned_acks:
             out.append(("uplink.cloud_public_key", "is required while the uplink is enabled: only acks "
-                        f"signed by the cloud delete buffered data; {MAKE_CLOUD_KEY} (for a lab without "
-                        "one: uplink.insecure_unsigned_acks: true)"))
+                        f"signed by the cloud delete buffered data; {MAKE_CLOUD_KEY}, or run edge enroll "
+                        "--config FILE --token TOKEN to pin the cloud's keys (for a lab without one: "
+                        "uplink.insecure_unsigned_acks: true)"))
         if self.broker == "auto" and self.tls.ca_file is None:
             out.append(("uplink.tls.ca_file", "is required with broker: auto: a discovered broker's "
                         "certificate must come from the store's own CA, never the system CA store"))

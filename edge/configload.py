@@ -160,8 +160,14 @@ def _duplicates(node: yaml.Node, loc: Loc, where: str) -> list[Problem]:
 
 def _trust(cfg: Config, where: str, root: yaml.Node) -> list[Problem]:
     """The uplink's trust rules (edge.config.Uplink.trust_problems), each at its key's line."""
+    from edge.downlink.trust import pinned_kids
+
     out: list[Problem] = []
-    for key, msg in cfg.uplink.trust_problems():
+    state_dir = cfg.paths.state_dir
+    if not state_dir.is_absolute():  # paths are resolved after the checks: resolve this one here
+        state_dir = Path(os.path.normpath(Path(os.path.abspath(where)).parent / state_dir))
+    pinned = cfg.uplink.enabled and cfg.uplink.cloud_public_key is None and bool(pinned_kids(state_dir))
+    for key, msg in cfg.uplink.trust_problems(pinned=pinned):
         line = _locate(root, tuple(key.split(".")))
         out.append((line, f"{where}:{line}: {key}: {msg}"))
     return out
@@ -351,7 +357,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                                               "keys_dir": rel(cfg.paths.keys_dir)}),
         "privacy": cfg.privacy.model_copy(update={"consent_file": rel(cfg.privacy.consent_file)}),
         "uplink": cfg.uplink.model_copy(update={"tls": tls.model_copy(update={
-            "ca_file": rel(tls.ca_file), "cert_file": rel(tls.cert_file), "key_file": rel(tls.key_file)})}),
+            "ca_file": rel(tls.ca_file), "cert_file": rel(tls.cert_file), "key_file": rel(tls.key_file)}),
+            "auth": cfg.uplink.auth.model_copy(update={"password_file": rel(cfg.uplink.auth.password_file)})}),
         "health": cfg.health.model_copy(update={"tls": htls.model_copy(update={
             "cert_file": rel(htls.cert_file), "key_file": rel(htls.key_file)})}),
     })
@@ -381,7 +388,7 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"uplink     {u.broker} (prefix {u.prefix})" if u.enabled else "uplink     disabled",
         f"{pad}TLS: off" if u.broker.startswith("mqtt://") else f"{pad}TLS: {tls}",
         f"{pad}window {u.window} batches, ack timeout {format_duration(u.ack_timeout)}, "
-        f"acks {'signed by the cloud key' if u.cloud_public_key else 'UNSIGNED (insecure_unsigned_acks: lab only)'}",
+        f"acks {_ack_trust(cfg)}",
         *[("drivers    " if n == 0 else pad) + line for n, line in enumerate(drivers or ["none enabled"])],
         f"privacy    {', '.join(classes[:3])}",
         f"{pad}{', '.join(classes[3:])}",
@@ -391,6 +398,17 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"logging    {cfg.logging.level}, format {cfg.logging.format}",
     ]
     return "\n".join(lines)
+
+
+def _ack_trust(cfg: Config) -> str:
+    from edge.downlink.trust import pinned_kids
+
+    pinned = pinned_kids(cfg.paths.state_dir)
+    if cfg.uplink.cloud_public_key:
+        return "signed by the cloud key" + (f" (or pinned {', '.join(pinned)})" if pinned else "")
+    if pinned:
+        return f"signed by a pinned cloud key ({', '.join(pinned)}; edge enroll)"
+    return "UNSIGNED (insecure_unsigned_acks: lab only)"
 
 
 def _health_line(cfg: Config) -> str:

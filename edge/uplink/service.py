@@ -10,8 +10,10 @@
   anything above `MAX_ACK` before parsing and keeps at most `INBOUND_QUEUE` messages queued.
 - Keeps up to `uplink.window` batches in flight; a batch not acked within `ack_timeout`
   is published again (the stored bytes: byte-identical).
-- Trust (docs/security.md): an ack or rejection changes anything only when its signature by
-  `cloud_public_key` verifies (or, lab only, `insecure_unsigned_acks: true` and no key). Unsigned
+- Trust (docs/security.md): an ack or rejection changes anything only when its signature by a
+  trusted cloud key verifies: `cloud_public_key` and the keys `edge enroll` pinned in the state
+  folder's cloud_keys.json, minus retired ones (edge/downlink/trust.py); or, lab only,
+  `insecure_unsigned_acks: true` and no key at all. Unsigned
   and wrongly signed ones are counted and change nothing. A trusted ok=true whose seq AND hh match
   a batch it holds deletes that batch; a trusted `chain-broken` quarantines it (kept aside,
   reported, not resent); any other trusted rejection means "resend later": the batch stays in
@@ -33,19 +35,19 @@ from typing import Any, Literal
 import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.aio import wait_event
 from edge.buffer import SealedBatch
+from edge.downlink.trust import FileTrustedKeys, TrustedKeys
 from edge.errors import EdgeError, WireError
 from edge.supervisor import Runtime
 from edge.uplink.batcher import Batcher
 from edge.uplink.clientid import client_id
 from edge.uplink.connect import ConnectParams, connect_params, diagnose_connect_error, explain_connect_error
 from edge.uplink.inbound import cap_inbound
-from edge.uplink.wire import MAX_ACK, REASONS, ack_topic, batch_topic, parse_ack, status_topic, verify_ack
+from edge.uplink.wire import MAX_ACK, REASONS, Ack, ack_topic, batch_topic, parse_ack, status_topic, verify_ack
 
 log = structlog.get_logger("edge.uplink")
 
@@ -89,7 +91,7 @@ class TokenBucket:
 class Uplink:
     name = "uplink"
 
-    def __init__(self, rt: Runtime, *, rng: random.Random | None = None) -> None:
+    def __init__(self, rt: Runtime, *, rng: random.Random | None = None, trust: TrustedKeys | None = None) -> None:
         self._rt = rt
         self._cfg = rt.cfg
         self._ucfg = rt.cfg.uplink
@@ -99,11 +101,11 @@ class Uplink:
         self._batch_topic = batch_topic(p, *self._ids)
         self._ack_topic = ack_topic(p, *self._ids)
         self._status_topic = status_topic(p, *self._ids)
-        self._cloud_key = (
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(self._ucfg.cloud_public_key))
-            if self._ucfg.cloud_public_key
-            else None
-        )
+        provisioned = [bytes.fromhex(self._ucfg.cloud_public_key)] if self._ucfg.cloud_public_key else []
+        # acks verify with any trusted cloud key: the provisioned one plus those pinned by `edge
+        # enroll` or added by `cloud-key.add`, minus the retired (asked per ack: changes apply live)
+        self._trust: TrustedKeys = trust if trust is not None else FileTrustedKeys(rt.cfg.paths.state_dir, provisioned)
+        self._last_kid: str | None = None  # the key that verified the last ack (tried first)
         self._batcher = Batcher(rt.cfg, rt.buffer, rt.keys, rt.clock)
         self._rng = rng or random.Random()
         self._bucket = TokenBucket(self._ucfg.bandwidth, rt.clock.monotonic) if self._ucfg.bandwidth else None
@@ -126,7 +128,7 @@ class Uplink:
             "inbound_refused": 0,
         }
         self.rejections: dict[str, int] = {}  # trusted rejections by reason (chain-broken included)
-        self.unsigned_acks_trusted = self._cloud_key is None
+        self.unsigned_acks_trusted = not self._trust.keys()
         self.last_ack_ms: int | None = None
         self._params: ConnectParams | None = None
         self._warned: set[str] = set()  # configuration warnings already logged (once, not per reconnect)
@@ -134,10 +136,10 @@ class Uplink:
 
     # -- component protocol ---------------------------------------------------------
     async def start(self) -> None:
-        problems = self._ucfg.trust_problems()
+        problems = self._ucfg.trust_problems(pinned=bool(self._trust.keys()))
         if problems:
             raise UplinkTrustError("; ".join(f"{key} {msg}" for key, msg in problems))
-        if self._cloud_key is None:
+        if self.unsigned_acks_trusted:
             log.warning("uplink_acks_unsigned", hint="uplink.insecure_unsigned_acks is true: anyone who can "
                         "publish on the broker can make this box delete its data; set uplink.cloud_public_key")
         elif self._ucfg.insecure_unsigned_acks:
@@ -374,9 +376,7 @@ class Uplink:
             if batch is None or batch.hh != ack.hh:
                 self.counters["acks_unknown"] += 1
                 return
-        if self._cloud_key is not None and not verify_ack(
-            ack, tenant=self._ids[0], store=self._ids[1], device=self._ids[2], cloud_key=self._cloud_key
-        ):
+        if not self.unsigned_acks_trusted and not self._signed(ack):
             # changes nothing: a deletion, a quarantine or a resend delay needs the cloud's signature
             reason = "unsigned" if ack.s is None else "bad-signature"
             self.counters["acks_unsigned" if ack.s is None else "acks_forged"] += 1
@@ -408,6 +408,16 @@ class Uplink:
         log.warning("batch_refused_resend_later", seq=ack.seq, err=key, attempt=attempts,
                     retry_in_s=round(delay, 2))
         self._wake.set()
+
+    def _signed(self, ack: Ack) -> bool:
+        """The ack's signature verifies with one of the trusted cloud keys."""
+        keys = self._trust.keys()
+        order = sorted(keys, key=lambda kid: kid != self._last_kid)  # the last good key first
+        for kid in order:
+            if verify_ack(ack, tenant=self._ids[0], store=self._ids[1], device=self._ids[2], cloud_key=keys[kid]):
+                self._last_kid = kid
+                return True
+        return False
 
     def _forget(self, seq: int) -> None:
         self._inflight.pop(seq, None)
