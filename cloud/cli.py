@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "cloud.cluster.cli",
     "cloud.db.cli",
     "cloud.commands.fleetsim",
+    "cloud.fleet.cli",
 )
 
 

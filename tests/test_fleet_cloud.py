@@ -7,14 +7,20 @@ table, and the fleet view from stored status/reported documents."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.nats import RunningNats
 
+from cloud.cli import main
+from cloud.db.migrate import migrate
 from cloud.fleet.publish import Broker, Publisher
 from edge.wire.downlink import document, sign_document, verify_document
 from edge.wire.uplink import kid_of, public_raw
@@ -23,6 +29,36 @@ pytestmark = pytest.mark.cloud
 
 WAIT = 15.0
 PREFIX = "edge/v1"
+
+
+CLOUD_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))  # a test key
+CLOUD_KID = kid_of(public_raw(CLOUD_KEY.public_key()))
+TRUSTED = {CLOUD_KID: CLOUD_KEY.public_key()}
+
+
+@pytest.fixture
+def opts(pg_dsn: str, nats_cluster: RunningNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The options every fleet command gets here: a migrated database, the cluster's MQTT nodes as
+    admin (password in the environment, never on the command line), the cloud key, an actor."""
+    migrate(pg_dsn)
+    key = tmp_path / "cloud.key"
+    key.write_text(bytes(range(100, 132)).hex() + "\n")
+    key.chmod(0o600)
+    monkeypatch.setenv("EDGE_CLOUD_BROKER_PASSWORD", nats_cluster.password("admin"))
+    return ["--dsn", pg_dsn, "--broker", nats_cluster.nats.mqtt_urls[1], "--broker", nats_cluster.nats.mqtt_urls[0],
+            "--broker-user", "admin", "--cloud-key", str(key), "--as", "ops-alice"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def rows(dsn: str, sql: str, *params: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql.encode(), params).fetchall()
 
 
 def admin_broker(cluster: RunningNats) -> Broker:
@@ -76,3 +112,69 @@ async def test_a_layer_published_over_mqtt_is_retained_for_a_fresh_subscriber_an
     finally:
         await nc.close()
     assert await retained(nats_cluster, core_topic, user="t-a.s-b", quiet=1.0) == []
+
+
+def test_config_set_refuses_an_invalid_layer_whole_with_every_key_path(
+    opts: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Keys, value types and the remotely-settable rule are checked before signing: exit 2, one line
+    per problem with file:line and the dotted key path, nothing stored or audited."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("logging:\n  level: loud\nbuffer:\n  file: other.db\n  max_bytes: 12xb\n"
+                   "uplink:\n  brokr: x\n  window: 0\npaths:\n  state_dir: /x\n")
+    rc, out, err = run(capsys, "config", "set", *opts, "--tenant", "t-a", "--store", "s-a", str(bad))
+    assert rc == 2
+    assert out == ""
+    for line, path in ((2, "logging.level"), (4, "buffer.file"), (5, "buffer.max_bytes"), (7, "uplink.brokr"),
+                       (8, "uplink.window"), (9, "paths")):
+        assert f"{bad}:{line}: {path}: " in err, path
+    assert "may not be set remotely" in err
+    assert "6 problem(s)" in err
+    dsn = opts[1]
+    assert rows(dsn, "SELECT count(*) FROM fleet_desired") == [(0,)]
+    assert rows(dsn, "SELECT count(*) FROM fleet_audit") == [(0,)]
+
+
+def test_config_set_versions_come_from_postgresql_and_the_retained_layer_verifies(
+    opts: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], nats_cluster: RunningNats,
+) -> None:
+    """Each set on a topic takes the next ver (1, 2; another topic starts at 1), prints it and the
+    layer's hash; a fresh subscriber gets only the newest retained copy, which verifies with the
+    cloud key; show merges tenant then store; history lists both; every publish is audited."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text("logging:\n  level: debug\nbuffer:\n  max_events: null\n")
+    rc, out, err = run(capsys, "config", "set", *opts, "--tenant", "t-a", "--store", "s-b", str(layer))
+    assert (rc, err) == (0, "")
+    assert out.startswith("store layer t-a/s-b/_all: ver 1, hash ")
+    layer.write_text("logging:\n  level: warning\n")
+    rc, out, _ = run(capsys, "config", "set", *opts, "--tenant", "t-a", "--store", "s-b", "--json", str(layer))
+    assert rc == 0
+    doc = json.loads(out)
+    assert (doc["ver"], doc["layer"], doc["config"]) == (2, "store", {"logging": {"level": "warning"}})
+    tenant_layer = tmp_path / "tenant.yaml"
+    tenant_layer.write_text("health:\n  stall_timeout: 2m\nlogging:\n  level: info\n")
+    rc, out, _ = run(capsys, "config", "set", *opts, "--tenant", "t-a", str(tenant_layer))
+    assert (rc, out.split(":")[0]) == (0, "tenant layer t-a/_all/_all")
+    assert "ver 1," in out
+
+    topic = "edge/v1/t-a/s-b/_all/desired"
+    got = asyncio.run(retained(nats_cluster, topic, user="t-a.s-b"))
+    assert len(got) == 1
+    verified = verify_document(got[0], topic=topic, prefix=PREFIX, trusted=TRUSTED)
+    assert (verified.ver, verified.body["layer"]) == (2, "store")
+    assert verified.body["config"] == {"logging": {"level": "warning"}}
+    assert verified.digest == doc["doc_sha256"]
+
+    rc, out, _ = run(capsys, "config", "show", "--dsn", opts[1], "--tenant", "t-a", "--store", "s-b", "--json")
+    shown = json.loads(out)
+    assert [(x["layer"], x["ver"]) for x in shown["layers"]] == [("tenant", 1), ("store", 2)]
+    assert shown["merged"] == {"health": {"stall_timeout": "2m"}, "logging": {"level": "warning"}}
+    rc, out, _ = run(capsys, "config", "history", "--dsn", opts[1], "--tenant", "t-a", "--store", "s-b")
+    assert rc == 0
+    assert re.findall(r"store +(\S+) +ver (\d+)", out) == [("t-a/s-b/_all", "2"), ("t-a/s-b/_all", "1")]
+    audit = rows(opts[1], "SELECT actor, action, target, detail->>'ver', encode(doc_sha256, 'hex') FROM fleet_audit"
+                          " ORDER BY id")
+    assert [a[:4] for a in audit] == [("ops-alice", "config.set", "t-a/s-b/_all", "1"),
+                                      ("ops-alice", "config.set", "t-a/s-b/_all", "2"),
+                                      ("ops-alice", "config.set", "t-a/_all/_all", "1")]
+    assert audit[1][4] == verified.digest

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -120,3 +122,8 @@ async def audit(  # noqa: PLR0917 - the audit row's columns, in order
     await conn.execute(
         "INSERT INTO fleet_audit (actor, action, target, detail, doc_sha256) VALUES (%s, %s, %s, %s, %s)",
         (actor, action, target, json.dumps(detail), bytes.fromhex(doc_sha256) if doc_sha256 else None))
+
+
+def doc_digest(envelope: bytes) -> str:
+    """Lowercase hex SHA-256 of a signed envelope's `d` (edge.wire.downlink.Document.digest)."""
+    return hashlib.sha256(msgpack.unpackb(envelope, raw=False)["d"]).hexdigest()

@@ -1,0 +1,119 @@
+"""`edge-cloud config set|show|history` (desired-state layers, downlink-v1).
+
+Options common to the fleet commands: cloud/fleet/context.py. `config set` exits 2 with every
+problem's key path when the layer is refused (nothing is signed, stored or published).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+import yaml
+
+from cloud.cluster.natsconf import check_id
+from cloud.db.errors import DbError
+from cloud.fleet.context import Context, add_common, broker_of, cloud_key_of
+from cloud.fleet.desired import LayerRow, Target, current, history, set_layer
+from cloud.fleet.publish import Publisher
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--store", default=None, help="the store layer (with --device: the device layer)")
+    p.add_argument("--device", default=None)
+
+
+def register(sub: Any) -> None:
+    config = sub.add_parser("config", help="desired configuration layers of the fleet (tenant, store, device)")
+    csub = config.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    p = csub.add_parser("set", help="validate FILE.yaml, sign it as the layer's next ver and publish it (retained)")
+    add_common(p)
+    _target_args(p)
+    p.add_argument("file", metavar="FILE.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_config_set)
+    p = csub.add_parser("show", help="the current layers a target merges, and their merged view")
+    add_common(p, broker=False, key=False)
+    _target_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_config_show)
+    p = csub.add_parser("history", help="published versions of a layer (--all: of every layer under it)")
+    add_common(p, broker=False, key=False)
+    _target_args(p)
+    p.add_argument("--all", action="store_true", help="also every store and device layer under the target")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_config_history)
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    if args.device is not None and args.store is None:
+        raise DbError("--device needs --store", hint="a device layer is addressed by tenant, store and device")
+    check_id("tenant", args.tenant)
+    for kind in ("store", "device"):
+        if getattr(args, kind) is not None:
+            check_id(kind, getattr(args, kind))
+    return Target(args.tenant, args.store, args.device)
+
+
+def _config_set(args: argparse.Namespace) -> int:
+    from cloud.fleet.layers import load_layer
+
+    target = target_of(args)
+    config = load_layer(args.file)  # ConfigError: exit 2 with every key path (cloud/cli.py)
+    ctx, key, broker = Context.of(args), cloud_key_of(args), broker_of(args)
+
+    async def run() -> LayerRow:
+        async with await ctx.connect() as conn, Publisher(broker) as pub:
+            return await set_layer(conn, pub, key, ctx.actor, target, config)
+
+    row = asyncio.run(run())
+    if args.json:
+        print(json.dumps(row.as_json()))
+    else:
+        print(f"{row.target.layer} layer {row.target}: ver {row.ver}, hash {row.config_hash}")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    target, ctx = target_of(args), Context.of(args)
+
+    async def run() -> tuple[list[LayerRow], dict[str, Any]]:
+        async with await ctx.connect() as conn:
+            return await current(conn, target)
+
+    rows, merged = asyncio.run(run())
+    if args.json:
+        print(json.dumps({"target": str(target), "layers": [r.as_json() for r in rows], "merged": merged}))
+        return 0
+    if not rows:
+        print(f"{target}: no layer published")
+    for r in rows:
+        print(f"{r.target.layer:<6} {r.target}  ver {r.ver}  hash {r.config_hash}  by {r.created_by}"
+              f"  {r.created_at:%Y-%m-%d %H:%M}")
+    print("merged (over each device's local file):")
+    print(yaml.safe_dump(merged, sort_keys=True, default_flow_style=False).rstrip() if merged else "  {}")
+    return 0
+
+
+def _config_history(args: argparse.Namespace) -> int:
+    target, ctx = target_of(args), Context.of(args)
+
+    async def run() -> list[LayerRow]:
+        async with await ctx.connect() as conn:
+            return await history(conn, target, below=args.all, limit=args.limit)
+
+    rows = asyncio.run(run())
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows]))
+        return 0
+    for r in rows:
+        state = "published" if r.published_at else "NOT published"
+        print(f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.target.layer:<6} {r.target}  ver {r.ver}  hash {r.config_hash}"
+              f"  by {r.created_by}  {state}")
+    if not rows:
+        print(f"{target}: no layer stored")
+    return 0
