@@ -178,3 +178,97 @@ def test_config_set_versions_come_from_postgresql_and_the_retained_layer_verifie
                                       ("ops-alice", "config.set", "t-a/s-b/_all", "2"),
                                       ("ops-alice", "config.set", "t-a/_all/_all", "1")]
     assert audit[1][4] == verified.digest
+
+
+def register(dsn: str, *devices: tuple[str, str, str]) -> None:
+    from cloud.db.registry import add_device
+
+    with psycopg.connect(dsn) as conn:
+        for tenant, store, device in devices:
+            add_device(conn, tenant=tenant, store=store, device=device,
+                       public_key=public_raw(Ed25519PrivateKey.generate().public_key()))
+
+
+async def fake_device(cluster: RunningNats, ids: tuple[str, str, str], ready: asyncio.Event,
+                      answered: list[dict[str, object]]) -> None:
+    """A device's command loop in miniature: verify each cmd document, answer on cmd-result."""
+    u = urlsplit(cluster.nats.mqtt_urls[2])
+    tenant, store, device = ids
+    user = f"{tenant}.{store}"
+    base = f"edge/v1/{tenant}/{store}/{device}"
+    async with aiomqtt.Client(u.hostname or "", u.port or 0, username=user, password=cluster.password(user),
+                              identifier=f"dev-{secrets.token_hex(4)}", protocol=aiomqtt.ProtocolVersion.V311) as c:
+        await c.subscribe(f"{base}/cmd", qos=1)
+        ready.set()
+        async for m in c.messages:
+            assert isinstance(m.payload, bytes)
+            doc = verify_document(m.payload, topic=m.topic.value, prefix=PREFIX, trusted=TRUSTED)
+            answer = {"id": doc.body["id"], "ok": True, "result": {"t": 1234, "name": doc.body["name"]}}
+            answered.append(dict(doc.body))
+            await c.publish(f"{base}/cmd-result", json.dumps(answer).encode(), qos=1)
+
+
+async def test_cmd_send_waits_for_the_result_and_stores_it(
+    opts: list[str], capsys: pytest.CaptureFixture[str], nats_cluster: RunningNats,
+) -> None:
+    """`cmd send DEVICE NAME --wait`: a signed document with a fresh id and exp reaches the device,
+    whose cmd-result is stored in PostgreSQL and printed; the send is audited."""
+    dsn = opts[1]
+    register(dsn, ("t-a", "s-a", "d-1"), ("t-a", "s-a", "d-2"))
+    ready, answered = asyncio.Event(), list[dict[str, object]]()
+    dev = asyncio.create_task(fake_device(nats_cluster, ("t-a", "s-a", "d-1"), ready, answered))
+    try:
+        async with asyncio.timeout(WAIT):
+            await ready.wait()
+        rc, out, err = await asyncio.to_thread(
+            run, capsys, "cmd", "send", *opts, "d-1", "log.level", "level=debug", "for=10m", "--wait", "10")
+    finally:
+        dev.cancel()
+    assert (rc, err) == (0, ""), err
+    device, name, cid, state, result = out.strip().split("  ")
+    assert (device, name, state, json.loads(result)) == ("t-a/s-a/d-1", "log.level", "ok", {"name": "log.level",
+                                                                                              "t": 1234})
+    assert answered[0]["id"] == cid
+    assert answered[0]["args"] == {"level": "debug", "for": "10m"}
+    exp, t = answered[0]["exp"], answered[0]["t"]
+    assert isinstance(exp, int)
+    assert isinstance(t, int)
+    assert 9 * 60_000 <= exp - t <= 10 * 60_000
+    assert rows(dsn, "SELECT state, result FROM fleet_commands WHERE id = %s", cid) == [
+        ("ok", {"t": 1234, "name": "log.level"})]
+    assert rows(dsn, "SELECT last_cmd_id, last_cmd_ok FROM fleet_device_state") == [(cid, True)]
+    assert rows(dsn, "SELECT action, target, detail->>'id' FROM fleet_audit") == [("cmd.send", "t-a/s-a/d-1", cid)]
+
+
+async def test_cmd_send_across_a_store_and_results_stored_by_the_handler(
+    opts: list[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`_all --store S`: one document per registered device, each its own id; a simulated
+    cmd-result stored by handle_cmd_result settles its command once; garbage raises a ValueError
+    and stores nothing."""
+    from cloud.fleet.handlers import ControlMessageError, handle_cmd_result
+
+    dsn = opts[1]
+    register(dsn, ("t-a", "s-a", "d-1"), ("t-a", "s-a", "d-2"), ("t-a", "s-b", "d-3"))
+    rc, out, _ = await asyncio.to_thread(run, capsys, "cmd", "send", *opts, "_all", "ping", "--tenant", "t-a",
+                                         "--store", "s-a", "--json")
+    assert rc == 0
+    sent = json.loads(out)
+    assert [(s["device"], s["state"]) for s in sent] == [("t-a/s-a/d-1", "sent"), ("t-a/s-a/d-2", "sent")]
+    assert len({s["id"] for s in sent}) == 2
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        answer = json.dumps({"id": sent[1]["id"], "ok": False, "error": "expired", "detail": "exp passed"}).encode()
+        await handle_cmd_result(conn, ("t-a", "s-a", "d-2"), answer)
+        again = json.dumps({"id": sent[1]["id"], "ok": True, "result": {}}).encode()
+        await handle_cmd_result(conn, ("t-a", "s-a", "d-2"), again)  # a duplicate: the first result stays
+        foreign = json.dumps({"id": sent[0]["id"], "ok": True, "result": {}}).encode()
+        await handle_cmd_result(conn, ("t-a", "s-b", "d-3"), foreign)  # another device's command: ignored
+        for garbage in (b"", b"\xff", b"[1]", b'{"id": 5, "ok": true}', b'{"id": "x", "ok": "yes"}',
+                        b'{"id": "x", "ok": false, "error": "NOT A CODE"}', b"{" * 100_000, b'{"a": NaN}',
+                        b'{"id": "x\\u0000", "ok": true}', b" " * (300 * 1024)):
+            with pytest.raises(ControlMessageError):
+                await handle_cmd_result(conn, ("t-a", "s-a", "d-1"), garbage)
+        with pytest.raises(ValueError, match="invalid"):
+            await handle_cmd_result(conn, ("t-a", "../x", "d-1"), again)
+    got = rows(dsn, "SELECT device, state, error, detail FROM fleet_commands ORDER BY device")
+    assert got == [("d-1", "sent", None, None), ("d-2", "error", "expired", "exp passed")]

@@ -48,6 +48,23 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_config_history)
 
+    from cloud.fleet.commands import KNOWN
+
+    cmd = sub.add_parser("cmd", help="signed commands to devices")
+    msub = cmd.add_subparsers(dest="cmd_cmd", required=True, metavar="ACTION")
+    p = msub.add_parser("send", help="send command NAME to DEVICE (or _all devices of --store / --tenant)")
+    add_common(p)
+    p.add_argument("device", metavar="DEVICE", help="a device id, or _all with --store and/or --tenant")
+    p.add_argument("name", metavar="NAME", choices=KNOWN, help=", ".join(KNOWN))
+    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="arguments, e.g. level=debug for=10m")
+    p.add_argument("--args", dest="args_json", default=None, metavar="JSON", help="arguments as a JSON object")
+    p.add_argument("--tenant", default=None)
+    p.add_argument("--store", default=None)
+    p.add_argument("--ttl", default="10m", help="the device must not run it after this long (default 10m)")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS", help="wait this long for the results")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_send)
+
 
 def target_of(args: argparse.Namespace) -> Target:
     if args.device is not None and args.store is None:
@@ -117,3 +134,39 @@ def _config_history(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{target}: no layer stored")
     return 0
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from cloud.fleet.commands import Sent, collect, fetch, parse_args, send, subscribe_results, targets
+    from edge.units import parse_duration
+
+    cargs = parse_args(args.pairs, args.args_json, args.name)
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise DbError(f"--ttl {args.ttl!r}: {exc}") from None
+    ctx, key, broker = Context.of(args), cloud_key_of(args), broker_of(args)
+
+    async def run() -> list[Sent]:
+        async with await ctx.connect() as conn:
+            to = await targets(conn, args.tenant, args.store, args.device)
+            async with Publisher(broker) as pub:
+                if args.wait is not None:
+                    await subscribe_results(pub, to)
+                sent = await send(conn, pub, key, ctx.actor, to, args.name, cargs, ttl)
+                if args.wait is not None:
+                    return await collect(conn, pub, sent, args.wait)
+            return await fetch(conn, sent)
+
+    done = asyncio.run(run())
+    if args.json:
+        print(json.dumps([s.as_json() for s in done]))
+    for s in done if not args.json else []:
+        line = f"{'/'.join(s.ids)}  {s.name}  {s.id}  {s.state}"
+        if s.state == "ok":
+            line += "  " + json.dumps(s.result, sort_keys=True)[:400]
+        elif s.state == "error":
+            line += f"  {s.error}: {s.detail}"
+        print(line)
+    want = {"ok"} if args.wait is not None else {"sent", "ok", "error"}
+    return 0 if all(s.state in want for s in done) else 1
