@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
+import msgpack
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,6 +23,7 @@ from support.nats import RunningNats
 from cloud.cli import main
 from cloud.db.migrate import migrate
 from cloud.fleet.publish import Broker, Publisher
+from edge.events import Ident
 from edge.wire.downlink import document, sign_document, verify_document
 from edge.wire.uplink import kid_of, public_raw
 
@@ -272,3 +274,106 @@ async def test_cmd_send_across_a_store_and_results_stored_by_the_handler(
             await handle_cmd_result(conn, ("t-a", "../x", "d-1"), again)
     got = rows(dsn, "SELECT device, state, error, detail FROM fleet_commands ORDER BY device")
     assert got == [("d-1", "sent", None, None), ("d-2", "error", "expired", "exp passed")]
+
+
+TENANT_KEY = bytes(range(7, 39))
+
+
+def loyalty_numbers_in_two_shards() -> tuple[str, str, str]:
+    """Three loyalty numbers, the first alone in its shard (so revoking it changes one shard)."""
+    from edge.privacy.keys import tenant_kid
+    from edge.privacy.pseudonym import stable_pseudonym
+    from edge.wire.downlink import consent_shard
+
+    kid = tenant_kid(TENANT_KEY)
+    shards: dict[str, str] = {}
+    for n in range(1000, 2000):
+        p = stable_pseudonym(Ident("loyalty_id", f"LOY{n}"), kid, TENANT_KEY)
+        assert p is not None
+        shards.setdefault(consent_shard(p), f"LOY{n}")
+        if len(shards) == 3:
+            break
+    a, b, c = shards.values()
+    return a, b, c
+
+
+async def test_consent_revoke_republishes_only_the_changed_shard_and_erases_stored_events(
+    opts: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], nats_cluster: RunningNats,
+) -> None:
+    """Loyalty numbers become the stable pseudonyms the devices compute (any spelling); revoking
+    one gives its shard rev+1 without it, republishes that shard only, and in the same transaction
+    erases every stored event carrying it (a field or inside text); nothing printed or audited
+    holds a number or a pseudonym."""
+    from edge.clock import FakeClock
+    from edge.config import Privacy
+    from edge.privacy.keys import KeyStore
+    from edge.privacy.pseudonym import Pseudonymizer
+    from edge.wire.downlink import consent_shard
+
+    dsn = opts[1]
+    keys = tmp_path / "tenants"
+    (keys / "t-a").mkdir(parents=True)
+    (keys / "t-a" / "tenant.key").write_bytes(TENANT_KEY)
+    (keys / "t-a" / "tenant.key").chmod(0o600)
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "tenant.key").write_bytes(TENANT_KEY)
+    (tmp_path / "dev" / "tenant.key").chmod(0o600)
+    device = Pseudonymizer(Privacy.model_validate({"classes": {"loyalty_id": {"policy": "stable"}}}),
+                           KeyStore(tmp_path / "dev", FakeClock()), consent=frozenset())
+    a, b, c = loyalty_numbers_in_two_shards()
+    pa, pb, pc = (device.stable_pseudonym(Ident("loyalty_id", x)) for x in (a, b, c))
+    assert pa is not None
+    assert pb is not None
+    assert pc is not None
+    grant = tmp_path / "grant.txt"
+    grant.write_text(f"# opted in at the till\n{a}\n{b}\n{pc}\n")
+    common = [*opts, "--tenant", "t-a", "--tenant-keys", str(keys)]
+    rc, out, err = await asyncio.to_thread(run, capsys, "consent", "grant", *common, "--json", str(grant))
+    assert (rc, err) == (0, ""), err
+    granted = json.loads(out)
+    assert (granted["changed"], sorted(granted["published"])) == (3, sorted(consent_shard(p) for p in (pa, pb, pc)))
+
+    day = "2026-12-01"
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT edge_event_partition(%s)", (day,))
+        for i, data in enumerate(({"customer": pa}, {"text": f"receipt for {pa} ok"}, {"customer": pb}, {"n": 1})):
+            conn.execute("INSERT INTO events (tenant, store, device, epoch, seq, id, ts, ts_ms, src, type, data)"
+                         " VALUES ('t-a', 's-a', 'd-1', 1, 1, %s, %s, 0, 'pos', 'receipt', %s)",
+                         (i, day, json.dumps(data)))
+
+    revoke = tmp_path / "revoke.txt"
+    revoke.write_text(f"{a[:3].lower()} {a[3:5]}-{a[5:]}\n")  # another spelling of the same number
+    rc, out, err = await asyncio.to_thread(run, capsys, "consent", "revoke", *common, str(revoke))
+    assert (rc, err) == (0, ""), err
+    shard = consent_shard(pa)
+    assert out.splitlines() == ["t-a: revoked 1, unchanged 0, 2 stored event(s) erased",
+                                f"  shard {shard} rev 2: 0 consented", f"  published 1 shard(s): {shard}"]
+    assert rows(dsn, "SELECT id FROM events ORDER BY id") == [(2,), (3,)]
+
+    got = await retained(nats_cluster, "edge/v1/t-a/_all/_all/consent/+")
+    docs = {}
+    for payload in got:
+        d = msgpack.unpackb(msgpack.unpackb(payload)["d"])
+        topic = f"edge/v1/t-a/_all/_all/consent/{d['shard']}"
+        docs[d["shard"]] = verify_document(payload, topic=topic, prefix=PREFIX, trusted=TRUSTED).body
+    assert {s: (d["rev"], d["consented"]) for s, d in docs.items()} == {
+        shard: (2, []), consent_shard(pb): (1, [pb]), consent_shard(pc): (1, [pc])}
+
+    audit = rows(dsn, "SELECT action, target, detail::text FROM fleet_audit ORDER BY id")
+    assert [x[0] for x in audit] == ["consent.grant"] * 3 + ["consent.revoke"]
+    assert audit[-1][1] == f"t-a/_all/_all/consent/{shard}"
+    assert json.loads(str(audit[-1][2])) == {"shard": shard, "rev": 2, "members": 0, "removed": 1,
+                                             "events_erased": 2}
+    assert not any(secret in str(x) for x in audit for secret in (a, b, c, pa, pb, pc, "loy:"))
+    assert not any(secret in out for secret in (a, pa, "loy:"))
+
+    rc, out, _ = await asyncio.to_thread(run, capsys, "consent", "revoke", *common, "--json", str(revoke))
+    assert (rc, json.loads(out)["published"], json.loads(out)["changed"]) == (0, [], 0)  # nothing changed twice
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{a}\nloy:s00000000:{'a' * 26}\nnot:a:pseudonym\n")
+    rc, out, err = await asyncio.to_thread(run, capsys, "consent", "grant", *common, str(bad))
+    assert rc == 2
+    assert f"{bad}:2: a pseudonym of another tenant key" in err
+    assert f"{bad}:3: neither a loyalty number" in err
+    assert "not:a:pseudonym" not in err

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -64,6 +66,19 @@ def register(sub: Any) -> None:
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS", help="wait this long for the results")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_send)
+
+    consent = sub.add_parser("consent", help="consent of a tenant's customers (256 signed, retained shards)")
+    nsub = consent.add_subparsers(dest="consent_cmd", required=True, metavar="ACTION")
+    for action, text in (("grant", "add the file's customers to the consented"),
+                         ("revoke", "withdraw consent and erase their stored events")):
+        p = nsub.add_parser(action, help=text + " (FILE: lines of loyalty numbers or stable pseudonyms)")
+        add_common(p)
+        p.add_argument("--tenant", required=True)
+        p.add_argument("--tenant-keys", type=Path, default=None, metavar="DIR",
+                       help="folder holding TENANT/tenant.key ($EDGE_CLOUD_TENANT_KEYS; --dir: DIR/tenants)")
+        p.add_argument("file", type=Path, metavar="FILE")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_consent, action=action)
 
 
 def target_of(args: argparse.Namespace) -> Target:
@@ -170,3 +185,34 @@ def _cmd_send(args: argparse.Namespace) -> int:
         print(line)
     want = {"ok"} if args.wait is not None else {"sent", "ok", "error"}
     return 0 if all(s.state in want for s in done) else 1
+
+
+def _consent(args: argparse.Namespace) -> int:
+    from cloud.fleet.consent import Outcome, change, read_pseudonyms, tenant_key
+
+    check_id("tenant", args.tenant)
+    keys = args.tenant_keys or (Path(os.environ["EDGE_CLOUD_TENANT_KEYS"]) if os.environ.get("EDGE_CLOUD_TENANT_KEYS")
+                                else args.dir / "tenants" if args.dir is not None else None)
+    if keys is None:
+        raise DbError("no tenant keys given", hint="pass --tenant-keys DIR (holding TENANT/tenant.key)")
+    pseudonyms = read_pseudonyms(args.file, tenant_key(keys, args.tenant))  # ConfigError: exit 2, line numbers
+    ctx, key, broker = Context.of(args), cloud_key_of(args), broker_of(args)
+
+    async def run() -> Outcome:
+        async with await ctx.connect() as conn, Publisher(broker) as pub:
+            return await change(conn, pub, key, ctx.actor, args.tenant, args.action, pseudonyms)
+
+    got = asyncio.run(run())
+    if args.json:
+        print(json.dumps({"changed": got.changed, "unchanged": got.unchanged, "events_erased": got.events_erased,
+                          "published": got.published,
+                          "shards": [{"shard": c.shard, "rev": c.rev, "members": c.members, "changed": c.changed,
+                                      "events_erased": c.events_erased} for c in got.shards]}))
+        return 0
+    verb = "granted" if args.action == "grant" else "revoked"
+    print(f"{args.tenant}: {verb} {got.changed}, unchanged {got.unchanged}"
+          + (f", {got.events_erased} stored event(s) erased" if args.action == "revoke" else ""))
+    for c in got.shards:
+        print(f"  shard {c.shard} rev {c.rev}: {c.members} consented")
+    print(f"  published {len(got.published)} shard(s)" + (f": {' '.join(got.published)}" if got.published else ""))
+    return 0

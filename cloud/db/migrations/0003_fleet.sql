@@ -59,7 +59,8 @@ CREATE TABLE fleet_consent_shards (
     shard         text NOT NULL CHECK (shard ~ '^[0-9a-f]{2}$'),
     rev           bigint NOT NULL CHECK (rev >= 1),
     published_rev bigint NOT NULL DEFAULT 0,  -- < rev: the last change is not on the broker yet
-    doc_sha256    sha256,
+    doc           bytea NOT NULL,             -- the signed envelope of rev (republished as it is)
+    doc_sha256    sha256 NOT NULL,
     updated_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, shard)
 );
