@@ -377,3 +377,70 @@ async def test_consent_revoke_republishes_only_the_changed_shard_and_erases_stor
     assert f"{bad}:2: a pseudonym of another tenant key" in err
     assert f"{bad}:3: neither a loyalty number" in err
     assert "not:a:pseudonym" not in err
+
+
+def reported(t: int, *, apply: str = "applied", oldest: float = 0.0, backlog: int = 0) -> bytes:
+    return json.dumps({
+        "t": t, "software": "0.9.1", "layers": {"tenant": 1, "store": 2, "device": 0}, "effective": "ab" * 32,
+        "apply": {"state": apply, "layer": "store", "ver": 2, "errors": ["drivers.pos[0].port: no such port"]
+                  if apply != "applied" else []},
+        "consent": {"shards": 3, "pseudonyms": 2}, "cloud_kids": [CLOUD_KID],
+        "health": {"backlog": backlog, "oldest_unsent_s": oldest, "drivers": {"pos": "ok"}, "uplink": "online",
+                   "last_ack_ms": 1_700_000_000_000},
+    }).encode()
+
+
+async def test_fleet_status_lists_every_registered_device_and_problems_from_stored_documents(
+    opts: list[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Rows come from the registry joined with the stored status/reported (handlers); --problems
+    keeps the offline (last will, or never heard from), rolled-back, rejected and stale ones; an
+    older reported copy does not replace a newer one; garbage is refused."""
+    from cloud.fleet.handlers import ControlMessageError, handle_reported, handle_status
+
+    dsn = opts[1]
+    devices = [("t-a", "s-a", f"d-{i}") for i in range(1, 7)]
+    register(dsn, *devices, ("t-b", "s-z", "d-9"))
+    online, offline = b'{"state": "online", "device": "x", "kid": "0011"}', b'{"state": "offline", "device": "x"}'
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        for ids in devices[:5]:
+            await handle_status(conn, ids, online)
+        await handle_status(conn, devices[1], offline)  # its last will
+        await handle_reported(conn, devices[0], reported(2_000, backlog=12))
+        await handle_reported(conn, devices[0], reported(1_000, apply="rejected"))  # an older retained copy
+        await handle_reported(conn, devices[2], reported(2_000, apply="rolled-back"))
+        await handle_reported(conn, devices[3], reported(2_000, oldest=7200.0, backlog=40))
+        await handle_reported(conn, devices[4], reported(2_000, apply="rejected"))
+        for bad in (b"", b"null", b'{"t": "now"}', b'{"t": 1, "health": []}', b"x" * 300_000):
+            with pytest.raises(ControlMessageError):
+                await handle_reported(conn, devices[0], bad)
+        for bad in (b'{"state": "asleep"}', b"{}", b"\xff\xfe"):
+            with pytest.raises(ValueError):  # noqa: PT011 - the handlers' contract: a ValueError subclass
+                await handle_status(conn, devices[0], bad)
+
+    rc, out, _ = await asyncio.to_thread(run, capsys, "fleet", "status", "--dsn", dsn, "--tenant", "t-a", "--json")
+    assert rc == 0
+    got = {r["device"]: r for r in json.loads(out)}
+    assert sorted(got) == [f"d-{i}" for i in range(1, 7)]
+    d1 = got["d-1"]
+    assert (d1["state"], d1["software"], d1["layers"], d1["apply"], d1["backlog"]) == (
+        "online", "0.9.1", {"tenant": 1, "store": 2, "device": 0}, "applied", 12)
+    assert d1["last_ack"].startswith("2023-11-14T22:13:20")
+    assert d1["problems"] == []
+    assert {d: r["problems"] for d, r in got.items() if r["problems"]} == {
+        "d-2": ["offline"], "d-3": ["rolled-back"], "d-4": ["stale"], "d-5": ["rejected"], "d-6": ["offline"]}
+    assert got["d-6"]["state"] == "unknown"
+
+    rc, out, _ = await asyncio.to_thread(run, capsys, "fleet", "status", "--dsn", dsn, "--tenant", "t-a",
+                                         "--problems", "--stale", "1h")
+    lines = out.splitlines()
+    assert lines[0].split() == ["DEVICE", "STATE", "LAST", "SEEN", "VERSION", "LAYERS", "T/S/D", "APPLY", "BACKLOG",
+                                "OLDEST", "LAST", "ACK", "PROBLEMS"]
+    assert [line.split()[0] for line in lines[1:]] == [f"t-a/s-a/d-{i}" for i in range(2, 7)]
+    assert "rolled-back (1 errors)" in lines[2]
+    assert lines[3].split()[-1] == "stale"
+    assert "2h" in lines[3].split()
+    rc, out, _ = await asyncio.to_thread(run, capsys, "fleet", "status", "--dsn", dsn, "--tenant", "t-a",
+                                         "--problems", "--stale", "3h")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["t-a/s-a/d-2", "t-a/s-a/d-3", "t-a/s-a/d-5",
+                                                                  "t-a/s-a/d-6"]

@@ -1,4 +1,4 @@
-"""`edge-cloud config set|show|history` (desired-state layers, downlink-v1).
+"""`edge-cloud config`, `cmd`, `consent`, `fleet`: fleet management per downlink-v1 (issue 16).
 
 Options common to the fleet commands: cloud/fleet/context.py. `config set` exits 2 with every
 problem's key path when the layer is refused (nothing is signed, stored or published).
@@ -29,6 +29,13 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
+    _register_config(sub)
+    _register_cmd(sub)
+    _register_consent(sub)
+    _register_fleet(sub)
+
+
+def _register_config(sub: Any) -> None:
     config = sub.add_parser("config", help="desired configuration layers of the fleet (tenant, store, device)")
     csub = config.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
     p = csub.add_parser("set", help="validate FILE.yaml, sign it as the layer's next ver and publish it (retained)")
@@ -50,6 +57,8 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_config_history)
 
+
+def _register_cmd(sub: Any) -> None:
     from cloud.fleet.commands import KNOWN
 
     cmd = sub.add_parser("cmd", help="signed commands to devices")
@@ -67,6 +76,8 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_send)
 
+
+def _register_consent(sub: Any) -> None:
     consent = sub.add_parser("consent", help="consent of a tenant's customers (256 signed, retained shards)")
     nsub = consent.add_subparsers(dest="consent_cmd", required=True, metavar="ACTION")
     for action, text in (("grant", "add the file's customers to the consented"),
@@ -79,6 +90,20 @@ def register(sub: Any) -> None:
         p.add_argument("file", type=Path, metavar="FILE")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=_consent, action=action)
+
+
+def _register_fleet(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="the fleet view")
+    fsub = fleet.add_subparsers(dest="fleet_cmd", required=True, metavar="ACTION")
+    p = fsub.add_parser("status", help="one row per registered device: online, version, layers, apply, backlog")
+    add_common(p, broker=False, key=False)
+    p.add_argument("--tenant", default=None)
+    p.add_argument("--store", default=None)
+    p.add_argument("--problems", action="store_true",
+                   help="only devices offline, rolled back, rejected, or with unsent events older than --stale")
+    p.add_argument("--stale", default="1h", help="oldest unsent event age that counts as a problem (default 1h)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_fleet_status)
 
 
 def target_of(args: argparse.Namespace) -> Target:
@@ -215,4 +240,31 @@ def _consent(args: argparse.Namespace) -> int:
     for c in got.shards:
         print(f"  shard {c.shard} rev {c.rev}: {c.members} consented")
     print(f"  published {len(got.published)} shard(s)" + (f": {' '.join(got.published)}" if got.published else ""))
+    return 0
+
+
+def _fleet_status(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from cloud.fleet.view import DeviceRow, fleet_rows, table
+    from edge.units import parse_duration
+
+    try:
+        stale = parse_duration(args.stale)
+    except ValueError as exc:
+        raise DbError(f"--stale {args.stale!r}: {exc}") from None
+    ctx = Context.of(args)
+    now = dt.datetime.now(dt.UTC)
+
+    async def run() -> list[DeviceRow]:
+        async with await ctx.connect() as conn:
+            return await fleet_rows(conn, tenant=args.tenant, store=args.store, stale_s=stale, now=now)
+
+    rows = [r for r in asyncio.run(run()) if r.problems or not args.problems]
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows]))
+    elif rows:
+        print(table(rows, now))
+    else:
+        print("no device with a problem" if args.problems else "no registered device")
     return 0
