@@ -444,3 +444,15 @@ async def test_fleet_status_lists_every_registered_device_and_problems_from_stor
                                          "--problems", "--stale", "3h")
     assert [line.split()[0] for line in out.splitlines()[1:]] == ["t-a/s-a/d-2", "t-a/s-a/d-3", "t-a/s-a/d-5",
                                                                   "t-a/s-a/d-6"]
+
+
+def test_the_audit_table_refuses_update_delete_and_truncate(opts: list[str]) -> None:
+    """Rows are only ever added: the trigger refuses changing or removing one, even by the owner."""
+    dsn = opts[1]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO fleet_audit (actor, action, target, detail, doc_sha256)"
+                     " VALUES ('ops-alice', 'config.set', 't-a/_all/_all', '{\"ver\": 1}', %s)", (bytes(32),))
+        for sql in ("UPDATE fleet_audit SET actor = 'mallory'", "DELETE FROM fleet_audit", "TRUNCATE fleet_audit"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(sql.encode())
+    assert rows(dsn, "SELECT actor, action FROM fleet_audit") == [("ops-alice", "config.set")]
