@@ -192,11 +192,11 @@ def register(dsn: str, *devices: tuple[str, str, str]) -> None:
 
 
 async def fake_device(cluster: RunningNats, ids: tuple[str, str, str], ready: asyncio.Event,
-                      answered: list[dict[str, object]]) -> None:
+                      answered: list[dict[str, object]], user: str | None = None) -> None:
     """A device's command loop in miniature: verify each cmd document, answer on cmd-result."""
     u = urlsplit(cluster.nats.mqtt_urls[2])
     tenant, store, device = ids
-    user = f"{tenant}.{store}"
+    user = user or f"{tenant}.{store}"
     base = f"edge/v1/{tenant}/{store}/{device}"
     async with aiomqtt.Client(u.hostname or "", u.port or 0, username=user, password=cluster.password(user),
                               identifier=f"dev-{secrets.token_hex(4)}", protocol=aiomqtt.ProtocolVersion.V311) as c:
@@ -205,7 +205,8 @@ async def fake_device(cluster: RunningNats, ids: tuple[str, str, str], ready: as
         async for m in c.messages:
             assert isinstance(m.payload, bytes)
             doc = verify_document(m.payload, topic=m.topic.value, prefix=PREFIX, trusted=TRUSTED)
-            answer = {"id": doc.body["id"], "ok": True, "result": {"t": 1234, "name": doc.body["name"]}}
+            result = {"t": 1234, "name": doc.body["name"]} if doc.body["name"] != "ping" else {"t": 1765000000000}
+            answer = {"id": doc.body["id"], "ok": True, "result": result}
             answered.append(dict(doc.body))
             await c.publish(f"{base}/cmd-result", json.dumps(answer).encode(), qos=1)
 
@@ -379,14 +380,17 @@ async def test_consent_revoke_republishes_only_the_changed_shard_and_erases_stor
     assert "not:a:pseudonym" not in err
 
 
-def reported(t: int, *, apply: str = "applied", oldest: float = 0.0, backlog: int = 0) -> bytes:
+def reported(t: int, *, apply: str = "applied", oldest: float = 0.0, backlog: int = 0,
+             layers: dict[str, int] | None = None, last_ack_ms: int = 1_700_000_000_000) -> bytes:
+    """A downlink-v1 `reported` document as a device publishes it."""
     return json.dumps({
-        "t": t, "software": "0.9.1", "layers": {"tenant": 1, "store": 2, "device": 0}, "effective": "ab" * 32,
+        "t": t, "software": "0.9.1", "layers": layers or {"tenant": 1, "store": 2, "device": 0},
+        "effective": "ab" * 32,
         "apply": {"state": apply, "layer": "store", "ver": 2, "errors": ["drivers.pos[0].port: no such port"]
                   if apply != "applied" else []},
         "consent": {"shards": 3, "pseudonyms": 2}, "cloud_kids": [CLOUD_KID],
         "health": {"backlog": backlog, "oldest_unsent_s": oldest, "drivers": {"pos": "ok"}, "uplink": "online",
-                   "last_ack_ms": 1_700_000_000_000},
+                   "last_ack_ms": last_ack_ms},
     }).encode()
 
 

@@ -1,8 +1,9 @@
 """What every fleet command needs: PostgreSQL, the broker, the cloud signing key, who acts.
 
 Options (all commands): `--dsn` / `--dir` as the db commands (cloud/db/cli.py); `--broker
-mqtt://host:port` (repeatable; `--dir`: every node of the local cloud) with `--broker-user`
-(`--dir`: admin) and the password in `$EDGE_CLOUD_BROKER_PASSWORD`; `--cloud-key FILE`
+mqtt://host:port` (repeatable, or `$EDGE_CLOUD_BROKER` comma-separated; `--dir`: every node of
+the local cloud) with `--broker-user` (`$EDGE_CLOUD_BROKER_USER`; `--dir`: admin) and the
+password in `$EDGE_CLOUD_BROKER_PASSWORD`; `--cloud-key FILE`
 (`$EDGE_CLOUD_KEY`, `--dir`: `DIR/cloud.key`); `--prefix` (`--dir`: the local cloud's);
 `--as NAME` the actor written to the audit table (`$EDGE_CLOUD_ACTOR`, else the login name).
 """
@@ -68,8 +69,10 @@ def prefix_of(args: argparse.Namespace) -> str:
 
 def broker_of(args: argparse.Namespace) -> Broker:
     password = os.environ.get("EDGE_CLOUD_BROKER_PASSWORD")
-    user = args.broker_user
+    user = args.broker_user or os.environ.get("EDGE_CLOUD_BROKER_USER")
     urls: list[str] = list(args.broker or [])
+    if not urls and os.environ.get("EDGE_CLOUD_BROKER"):
+        urls = [u.strip() for u in os.environ["EDGE_CLOUD_BROKER"].split(",") if u.strip()]
     if not urls and args.dir is not None:
         from cloud.cluster.local import ADMIN
 
