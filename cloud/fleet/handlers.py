@@ -14,8 +14,11 @@ duplicate or a result for an id this cloud never sent to that device changes no 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import psycopg
@@ -47,18 +50,38 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: PostgreSQL's jsonb holds no infinity
+        raise ValueError("a number out of range")
+    return value
+
+
 def _json(payload: bytes, limit: int) -> dict[str, Any]:
     if len(payload) > limit:
         raise ControlMessageError("too-large", f"{len(payload)} bytes > {limit}")
     if b"\\u0000" in payload.lower():  # PostgreSQL's jsonb holds no NUL character
         raise ControlMessageError("malformed", "a NUL character in a string")
     try:
-        doc = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ControlMessageError("malformed", "not UTF-8 JSON") from None
+        doc = json.loads(payload.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+        # a lone surrogate (\\ud800) is valid JSON but no valid text for PostgreSQL or anyone else
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        raise ControlMessageError("malformed", "not UTF-8 JSON of valid text") from None
     if not isinstance(doc, dict):
         raise ControlMessageError("malformed", "not a JSON object")
     return doc
+
+
+@contextlib.asynccontextmanager
+async def _stored(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """The handler's transaction; a value PostgreSQL refuses (a number jsonb cannot hold) is a
+    bad payload like any other: nothing stored, ControlMessageError."""
+    try:
+        async with conn.transaction():
+            yield
+    except psycopg.errors.DataError as exc:
+        raise ControlMessageError("invalid", f"a value PostgreSQL cannot store ({type(exc).__name__})") from None
 
 
 def _text(value: object, limit: int) -> str | None:
@@ -76,7 +99,7 @@ async def handle_status(conn: psycopg.AsyncConnection[Any], ids: Ids, payload: b
     state = doc.get("state")
     if state not in ("online", "offline"):
         raise ControlMessageError("invalid", "state must be online or offline")
-    async with conn.transaction():
+    async with _stored(conn):
         await conn.execute(_UPSERT, ids)
         await conn.execute("UPDATE fleet_device_state SET status = %s, status_at = now(),"
                            " last_seen = CASE WHEN %s::text = 'online' THEN now() ELSE last_seen END"
@@ -89,13 +112,13 @@ async def handle_reported(conn: psycopg.AsyncConnection[Any], ids: Ids, payload:
     _check_ids(ids)
     doc = _json(payload, MAX_REPORTED)
     t = doc.get("t")
-    if type(t) is not int or t < 0:
+    if type(t) is not int or not 0 <= t < 1 << 63:
         raise ControlMessageError("invalid", "t must be the device's Unix ms")
     for key in ("layers", "apply", "health", "consent"):
         if key in doc and not isinstance(doc[key], dict):
             raise ControlMessageError("invalid", f"{key} must be an object")
     software = _text(doc.get("software"), 64)
-    async with conn.transaction():
+    async with _stored(conn):
         await conn.execute(_UPSERT, ids)
         await conn.execute(
             "UPDATE fleet_device_state SET reported = %s, reported_at = now(), software = %s, last_seen = now()"
@@ -125,7 +148,7 @@ async def handle_cmd_result(conn: psycopg.AsyncConnection[Any], ids: Ids, payloa
         if type(code) is not str or not _CODE_RE.fullmatch(code):
             raise ControlMessageError("invalid", "error must be a code such as bad-args")
         error, detail = code, _text(doc.get("detail"), 1000) or ""
-    async with conn.transaction():
+    async with _stored(conn):
         cur = await conn.execute(
             "UPDATE fleet_commands SET state = %s, error = %s, detail = %s, result = %s, result_at = now()"
             " WHERE id = %s AND tenant = %s AND store = %s AND device = %s AND state IN ('pending', 'sent', 'unsent')"
