@@ -462,3 +462,17 @@ def test_the_audit_table_refuses_update_delete_and_truncate(opts: list[str]) -> 
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 conn.execute(sql.encode())
     assert rows(dsn, "SELECT actor, action FROM fleet_audit") == [("ops-alice", "config.set")]
+
+
+def test_config_set_without_a_reachable_broker_exits_1_and_stores_nothing(
+    opts: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrong password is refused by every node: a clear message, exit 1, no version taken."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text("logging:\n  level: debug\n")
+    monkeypatch.setenv("EDGE_CLOUD_BROKER_PASSWORD", "wrong")
+    rc, out, err = run(capsys, "config", "set", *opts, "--tenant", "t-a", "--store", "s-a", str(layer))
+    assert (rc, out) == (1, "")
+    assert err.startswith("edge-cloud: no broker accepted the connection")
+    assert "Traceback" not in err
+    assert rows(opts[1], "SELECT count(*) FROM fleet_desired") == [(0,)]
