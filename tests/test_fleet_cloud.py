@@ -171,6 +171,16 @@ def test_config_set_versions_come_from_postgresql_and_the_retained_layer_verifie
     shown = json.loads(out)
     assert [(x["layer"], x["ver"]) for x in shown["layers"]] == [("tenant", 1), ("store", 2)]
     assert shown["merged"] == {"health": {"stall_timeout": "2m"}, "logging": {"level": "warning"}}
+    device_layer = tmp_path / "device.yaml"
+    device_layer.write_text("health:\n  stall_timeout: null\n")  # back to the local file's (or the default)
+    rc, out, _ = run(capsys, "config", "set", *opts, "--tenant", "t-a", "--store", "s-b", "--device", "d-7",
+                     str(device_layer))
+    assert out.startswith("device layer t-a/s-b/d-7: ver 1, hash ")
+    rc, out, _ = run(capsys, "config", "show", "--dsn", opts[1], "--tenant", "t-a", "--store", "s-b", "--device",
+                     "d-7", "--json")
+    shown = json.loads(out)
+    assert [x["layer"] for x in shown["layers"]] == ["tenant", "store", "device"]
+    assert shown["merged"] == {"health": {}, "logging": {"level": "warning"}}
     rc, out, _ = run(capsys, "config", "history", "--dsn", opts[1], "--tenant", "t-a", "--store", "s-b")
     assert rc == 0
     assert re.findall(r"store +(\S+) +ver (\d+)", out) == [("t-a/s-b/_all", "2"), ("t-a/s-b/_all", "1")]
@@ -178,7 +188,8 @@ def test_config_set_versions_come_from_postgresql_and_the_retained_layer_verifie
                           " ORDER BY id")
     assert [a[:4] for a in audit] == [("ops-alice", "config.set", "t-a/s-b/_all", "1"),
                                       ("ops-alice", "config.set", "t-a/s-b/_all", "2"),
-                                      ("ops-alice", "config.set", "t-a/_all/_all", "1")]
+                                      ("ops-alice", "config.set", "t-a/_all/_all", "1"),
+                                      ("ops-alice", "config.set", "t-a/s-b/d-7", "1")]
     assert audit[1][4] == verified.digest
 
 
