@@ -27,6 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "cloud.commands.fleetsim",
     "cloud.commands.fleetdemo",
     "cloud.commands.report",
+    "cloud.fleet.cli",
 )
 
 
