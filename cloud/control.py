@@ -4,8 +4,8 @@ Design. One more consumer loop of the ingest worker's NATS connection (cloud/com
 `loops`), bound to the shared durable pull consumer `control` (cloud/cluster/jetstream.py), so
 any number of workers share the work. The kind is the subject's last token; `handlers` maps a
 kind to an async handler returning a `Verdict`: `enroll` decides enrollment requests
-(cloud/enroll.py, answered on `enrolled`); `status`, `reported` and `cmd-result` are only acked
-and counted until fleet management adds its handlers to the same dict.
+(cloud/enroll.py, answered on `enrolled`); `status`, `reported` and `cmd-result` are stored for
+the fleet view (cloud/fleet/handlers.py, `DeviceStateHandlers`).
 
 Bounds and failures. A payload above `MAX_CONTROL` (4 MiB) is acked unread and counted; an
 unknown kind is acked and counted `other`; a handler that raises is logged, counted `error` and
@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import structlog
@@ -71,6 +71,7 @@ class Verdict:
 
 
 Handler = Callable[[ControlMessage], Awaitable[Verdict]]
+DeviceStateStore = Callable[["psycopg.AsyncConnection[Any]", tuple[str, str, str], bytes], Awaitable[None]]
 
 
 async def count_only(msg: ControlMessage) -> Verdict:
@@ -110,14 +111,58 @@ class EnrollHandler:
         self._enroller.close()
 
 
+class DeviceStateHandlers:
+    """`status`, `reported`, `cmd-result` -> cloud/fleet/handlers.py, on one async PostgreSQL
+    connection opened on first use (and again after it broke). A payload the handler refuses is
+    acked and counted by its reason; PostgreSQL unreachable leaves the message for later."""
+
+    def __init__(self, dsn: str, prefix: str) -> None:
+        self._dsn = dsn
+        self._prefix = prefix
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    def handler(self, store: DeviceStateStore) -> Handler:
+        async def handle(msg: ControlMessage) -> Verdict:
+            return await self._one(store, msg)
+
+        return handle
+
+    async def _one(self, store: DeviceStateStore, msg: ControlMessage) -> Verdict:
+        from cloud.fleet.handlers import ControlMessageError
+
+        head = self._prefix + "/"
+        parts = msg.topic[len(head):].split("/") if msg.topic.startswith(head) else []
+        if len(parts) != 4:
+            return Verdict("bad-topic")
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, connect_timeout=10)
+            await store(self._conn, (parts[0], parts[1], parts[2]), msg.payload)
+        except ControlMessageError as exc:
+            return Verdict(exc.reason)
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
+            log.warning("device_state_deferred", kind=msg.kind, error=str(exc)[:200], retry_in=NAK_DELAY)
+            await self.close()
+            return Verdict("unavailable", retry=True)
+        return Verdict("stored")
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        self._conn = None
+
+
 class ControlLoop:
     """Consumes EDGE_CONTROL's durable consumer until `stop` (see the module doc)."""
 
     def __init__(self, nc: NATS, handlers: Mapping[str, Handler], metrics: IngestMetrics, *,
                  backoff: Backoff | None = None, fetch_wait: float = 1.0, stream: str = CONTROL_STREAM,
-                 consumer: str = CONTROL_CONSUMER, close: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 consumer: str = CONTROL_CONSUMER, close: Callable[[], None] | None = None,
+                 aclose: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self._nc = nc
         self._close = close
+        self._aclose = aclose
         self._handlers = dict(handlers)
         self._metrics = metrics
         self._backoff = backoff or Backoff()
@@ -129,6 +174,8 @@ class ControlLoop:
         try:
             await self._run(stop)
         finally:
+            if self._aclose is not None:
+                await self._aclose()
             if self._close is not None:
                 await asyncio.to_thread(self._close)
 
@@ -215,8 +262,13 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 def control_loop(cfg: IngestConfig, nc: NATS, metrics: IngestMetrics, *, dsn: str, cloud_key: Ed25519PrivateKey,
                  token_key: TokenKey | None, clock: Clock) -> ControlLoop:  # fmt: skip
-    """The worker's control loop: enrollment with `token_key`, every other kind counted."""
-    handlers: dict[str, Handler] = dict.fromkeys(("status", "reported", "cmd-result"), count_only)
+    """The worker's control loop: enrollment with `token_key`; `status`, `reported` and
+    `cmd-result` stored for `edge-cloud fleet status` and `cmd send --wait`."""
+    from cloud.fleet.handlers import handle_cmd_result, handle_reported, handle_status
+
+    state = DeviceStateHandlers(dsn, cfg.prefix)
+    handlers: dict[str, Handler] = {"status": state.handler(handle_status), "reported": state.handler(handle_reported),
+                                    "cmd-result": state.handler(handle_cmd_result)}  # fmt: skip
     close: Callable[[], None] | None = None
     if token_key is None:
         log.warning("enroll_disabled", reason="no token_key in the config",
@@ -228,4 +280,4 @@ def control_loop(cfg: IngestConfig, nc: NATS, metrics: IngestMetrics, *, dsn: st
         handlers["enroll"] = enroll
         close = enroll.close
     return ControlLoop(nc, handlers, metrics, backoff=Backoff(cfg.backoff.initial, cfg.backoff.max),
-                       fetch_wait=cfg.fetch_wait, close=close)  # fmt: skip
+                       fetch_wait=cfg.fetch_wait, close=close, aclose=state.close)  # fmt: skip
