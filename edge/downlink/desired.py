@@ -1,0 +1,451 @@
+"""Desired configuration from the cloud (downlink-v1 §Desired state): layers, apply, rollback.
+
+Effective configuration = the local YAML file, then the tenant, store and device layers
+(`merge_layers`). For each layer topic the device keeps the highest `ver` it attempted; a
+document with a `ver` not above it (a replay, a reordered retained copy, the retained copy of a
+change it rolled back) is ignored and counted (`stale`). A layer touching a key that is not
+remotely settable is rejected whole with every such key path. Otherwise the whole effective
+configuration is validated exactly as `edge check-config` does (schema, trust rules and the
+start-up checks of edge/preflight.py: keys, TLS files, serial ports, state folder; no network);
+any problem: `rejected` with every problem's key path, nothing changes.
+
+Applying: the daemon restarts (drain as on SIGTERM, exit 75, the service manager starts it
+again; no committed event is lost). Before it stops, `desired.json` in the state folder (atomic,
+0600) holds the accepted signed documents as `current`, the ones before as `previous`, and a
+`trial`. `edge run` builds its configuration from the persisted documents (re-verified with the
+trusted cloud keys: `boot_config`), so a reboot without network runs the same effective hash.
+With a trial set, the new daemon watches the components the change touched for
+`health.apply_grace`: healthy (for a short settle time) -> `applied`; not healthy by the end ->
+`previous` becomes `current` again, `rolled-back` with the reason, and another restart. A daemon
+that dies during its trial (never decided) is rolled back at its next start.
+
+A change that leaves the effective hash as it is (e.g. a new `ver` with the same content) is
+recorded as applied without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from edge.config import Config
+from edge.configload import read_config_data, validate_config_data
+from edge.downlink.trust import FileTrustedKeys, write_atomic
+from edge.errors import ConfigError
+from edge.wire.downlink import (
+    LAYERS,
+    Document,
+    DocumentError,
+    desired_topic,
+    effective_hash,
+    merge_layers,
+    unsettable_paths,
+    verify_document,
+)
+
+log = structlog.get_logger("edge.downlink.desired")
+
+STATE_FILE = "desired.json"
+EFFECTIVE = "effective"  # the `where` of problems of the effective configuration
+MAX_STATE_FILE = 48 * 1024 * 1024  # six documents of at most 4 MiB, base64
+SETTLE_S = 1.0  # touched components must stay healthy this long (at most a third of the grace)
+MAX_ERRORS = 50  # problems listed in one apply result
+
+
+def provisioned_keys(cfg: Config) -> list[bytes]:
+    key = cfg.uplink.cloud_public_key
+    return [bytes.fromhex(key)] if key else []
+
+
+def layer_topic(prefix: str, identity: tuple[str, str, str], layer: str) -> str:
+    tenant, store, device = identity
+    if layer == "tenant":
+        return desired_topic(prefix, tenant)
+    if layer == "store":
+        return desired_topic(prefix, tenant, store)
+    return desired_topic(prefix, tenant, store, device)
+
+
+# -- the persisted state --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DesiredFile:
+    """`desired.json`: documents as received (base64 of the envelope) plus what `edge status` shows."""
+
+    current: dict[str, bytes] = field(default_factory=dict)
+    previous: dict[str, bytes] | None = None
+    attempted: dict[str, int] = field(default_factory=dict)
+    trial: dict[str, Any] | None = None
+    apply: dict[str, Any] | None = None
+    # written for `edge status`: what the running configuration is made of
+    layers: dict[str, int] = field(default_factory=dict)
+    effective: str | None = None
+
+
+def _b64(raw: Mapping[str, bytes]) -> dict[str, str]:
+    return {k: base64.b64encode(v).decode() for k, v in raw.items()}
+
+
+def _unb64(doc: Any) -> dict[str, bytes]:
+    if not isinstance(doc, dict):
+        raise TypeError("expected a map of layer -> base64")
+    return {str(k): base64.b64decode(v, validate=True) for k, v in doc.items() if k in LAYERS}
+
+
+def read_state(state_dir: Path) -> DesiredFile:
+    """The persisted state; an unreadable or malformed file is logged and counts as empty."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_STATE_FILE + 1)
+    except FileNotFoundError:
+        return DesiredFile()
+    except OSError as exc:
+        log.error("desired_state_unreadable", file=str(path), error=exc.strerror)
+        return DesiredFile()
+    try:
+        doc = json.loads(data[:MAX_STATE_FILE])
+        prev = doc.get("previous")
+        return DesiredFile(
+            current=_unb64(doc.get("current", {})),
+            previous=None if prev is None else _unb64(prev),
+            attempted={str(k): int(v) for k, v in dict(doc.get("attempted", {})).items() if k in LAYERS},
+            trial=dict(doc["trial"]) if isinstance(doc.get("trial"), dict) else None,
+            apply=dict(doc["apply"]) if isinstance(doc.get("apply"), dict) else None,
+            layers={str(k): int(v) for k, v in dict(doc.get("layers", {})).items()},
+            effective=str(doc["effective"]) if doc.get("effective") else None,
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
+        log.error("desired_state_malformed", file=str(path), error=type(exc).__name__,
+                  effect="runs with the local configuration until the next accepted layer")
+        return DesiredFile()
+
+
+def write_state(state_dir: Path, st: DesiredFile) -> None:
+    doc = {
+        "v": 1,
+        "layers": st.layers,
+        "effective": st.effective,
+        "apply": st.apply,
+        "attempted": st.attempted,
+        "trial": st.trial,
+        "current": _b64(st.current),
+        "previous": None if st.previous is None else _b64(st.previous),
+    }
+    write_atomic(Path(state_dir) / STATE_FILE, json.dumps(doc, indent=1).encode())
+
+
+def read_summary(state_dir: Path) -> dict[str, Any] | None:
+    """What `edge status` shows: layers (ver per layer), effective hash, last apply, trial."""
+    path = Path(state_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    st = read_state(state_dir)
+    return {"layers": {lay: st.layers.get(lay, 0) for lay in LAYERS}, "effective": st.effective,
+            "apply": st.apply, "trial": st.trial is not None}
+
+
+# -- the effective configuration -------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Effective:
+    cfg: Config
+    merged: dict[str, Any]
+    hash: str
+
+
+def config_hash(merged: Mapping[str, Any]) -> str:
+    # YAML may hold values JSON has no type for (a date): hashed by their text
+    return effective_hash(json.loads(json.dumps(merged, default=str)))
+
+
+def build_effective(config_path: str, docs: Mapping[str, Document], *, checks: bool = True) -> Effective:
+    """Merge and validate as `edge check-config` does; ConfigError (problems as `effective: key: ...`)."""
+    from edge.configload import file_problems
+    from edge.preflight import startup_problems
+
+    data = read_config_data(config_path)
+    merged = merge_layers(data, *(docs[lay].body["config"] for lay in LAYERS if lay in docs))
+    base = Path(os.path.abspath(config_path)).parent
+    cfg = validate_config_data(merged, where=EFFECTIVE, base=base)
+    if checks:
+        problems = startup_problems(cfg, EFFECTIVE) + file_problems(cfg, EFFECTIVE)
+        if problems:
+            raise ConfigError(EFFECTIVE, problems)
+    return Effective(cfg, merged, config_hash(merged))
+
+
+def key_paths(problems: list[str]) -> list[str]:
+    """`effective:12: drivers.pos[0].port: ...` -> `drivers.pos[0].port: ...` (no file, no line)."""
+    out = []
+    for p in problems:
+        text = p.removeprefix(f"{EFFECTIVE}:")
+        head, sep, rest = text.partition(":")
+        if sep and head.strip().isdigit():
+            text = rest
+        out.append(text.strip())
+    return out[:MAX_ERRORS]
+
+
+def verified_layers(raw: Mapping[str, bytes], *, prefix: str, identity: tuple[str, str, str],
+                    trusted: FileTrustedKeys) -> dict[str, Document]:
+    """The persisted documents that still verify on their own layer's topic (a retired key's are dropped)."""
+    out: dict[str, Document] = {}
+    for layer in LAYERS:
+        payload = raw.get(layer)
+        if payload is None:
+            continue
+        try:
+            out[layer] = verify_document(payload, topic=layer_topic(prefix, identity, layer), prefix=prefix,
+                                         trusted=trusted.keys())
+        except DocumentError as exc:
+            log.error("desired_persisted_dropped", layer=layer, reason=exc.reason)
+    return out
+
+
+@dataclass(slots=True)
+class Boot:
+    """What `edge run` starts with: the effective configuration and the documents it is made of."""
+
+    effective: Effective
+    docs: dict[str, Document]
+    state: DesiredFile
+    trusted: FileTrustedKeys
+    notes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # logged once logging is set up
+
+
+def _identity(cfg: Config) -> tuple[str, str, str]:
+    i = cfg.identity
+    return i.tenant, i.store, i.device
+
+
+def _record(st: DesiredFile, eff: Effective, docs: Mapping[str, Document]) -> None:
+    st.layers = {lay: (docs[lay].ver if lay in docs else 0) for lay in LAYERS}
+    st.effective = eff.hash
+
+
+def boot_config(config_path: str, local: Config) -> Boot:
+    """The effective configuration `edge run` runs with (downlink active): the persisted layers
+    over the local file. A trial the previous daemon never decided is rolled back; layers that no
+    longer validate (the local file changed) are set aside and the local file alone applies."""
+    state_dir = local.paths.state_dir
+    st = read_state(state_dir)
+    trusted = FileTrustedKeys(state_dir, provisioned_keys(local))
+    notes: list[tuple[str, dict[str, Any]]] = []
+    prefix, ident = local.uplink.prefix, _identity(local)
+    if st.trial is not None:
+        boots = int(st.trial.get("boots", 0)) + 1
+        st.trial["boots"] = boots
+        if boots > 1:  # the daemon with this change stopped (crashed, killed) before it decided
+            reason = "the daemon stopped during its apply_grace with this configuration"
+            notes.append(("desired_rolled_back", {"layer": st.trial.get("layer"), "ver": st.trial.get("ver"),
+                                                  "reason": reason}))
+            st.apply = {"state": "rolled-back", "layer": st.trial.get("layer"), "ver": st.trial.get("ver"),
+                        "errors": [reason]}
+            st.current, st.previous, st.trial = st.previous or {}, None, None
+    docs = verified_layers(st.current, prefix=prefix, identity=ident, trusted=trusted)
+    try:
+        eff = build_effective(config_path, docs)
+    except ConfigError as exc:
+        notes.append(("desired_invalid_at_start", {"errors": key_paths(exc.problems),
+                                                   "effect": "runs with the local configuration alone"}))
+        docs = {}
+        data = read_config_data(config_path)
+        eff = Effective(local, data, config_hash(data))
+        st.trial = None
+    _record(st, eff, docs)
+    write_state(state_dir, st)
+    return Boot(eff, docs, st, trusted, notes)
+
+
+def local_boot(config_path: str, local: Config) -> Boot:
+    """Without a downlink: the local file alone (nothing persisted is read)."""
+    data = read_config_data(config_path)
+    trusted = FileTrustedKeys(local.paths.state_dir, provisioned_keys(local))
+    return Boot(Effective(local, data, config_hash(data)), {}, DesiredFile(), trusted)
+
+
+# -- the running daemon's side ------------------------------------------------------------------
+
+
+def touched(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """What a change touched: top-level sections, and drivers by kind (ble, nfc) or name (pos:x)."""
+    sections = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    drivers: list[str] = []
+    od, nd = old.get("drivers") or {}, new.get("drivers") or {}
+    if isinstance(od, Mapping) and isinstance(nd, Mapping):
+        drivers += [k for k in ("ble", "nfc") if od.get(k) != nd.get(k)]
+
+        def links(d: Mapping[str, Any]) -> dict[str, Any]:
+            pos = d.get("pos")
+            return {str(x.get("name")): x for x in pos if isinstance(x, Mapping)} if isinstance(pos, list) else {}
+
+        ol, nl = links(od), links(nd)
+        drivers += [f"pos:{n}" for n in sorted(set(ol) | set(nl)) if ol.get(n) != nl.get(n)]
+    return {"sections": sections, "drivers": drivers}
+
+
+class DesiredState:
+    """The desired-state side of the downlink component (one per daemon)."""
+
+    def __init__(self, *, config_path: str, boot: Boot, state_dir: Path, restart: Callable[[], None],
+                 changed: Callable[[], None]) -> None:
+        self._config_path = config_path
+        self._boot = boot
+        self._st = boot.state
+        self._docs = dict(boot.docs)
+        self._effective = boot.effective
+        self._state_dir = state_dir
+        self._restart = restart
+        self._changed = changed  # publish `reported`
+        self.restarting = False
+        self.counters: dict[str, int] = {"stale": 0, "applied": 0, "rejected": 0, "rolled_back": 0, "held": 0}
+        self._held: dict[str, Document] = {}  # newer layers that arrived during a trial
+
+    @property
+    def in_trial(self) -> bool:
+        return self._st.trial is not None
+
+    @property
+    def effective_hash(self) -> str:
+        return self._effective.hash
+
+    def layers(self) -> dict[str, int]:
+        return {lay: (self._docs[lay].ver if lay in self._docs else 0) for lay in LAYERS}
+
+    def apply_result(self) -> dict[str, Any] | None:
+        return self._st.apply
+
+    def status(self) -> dict[str, Any]:
+        return {"layers": self.layers(), "effective": self._effective.hash, "apply": self._st.apply,
+                "trial": self._st.trial, **self.counters}
+
+    def _persist(self) -> None:
+        write_state(self._state_dir, self._st)
+
+    def _seen_ver(self, layer: str) -> int:
+        cur = self._docs[layer].ver if layer in self._docs else 0
+        return max(cur, self._st.attempted.get(layer, 0))
+
+    async def handle(self, doc: Document) -> None:
+        layer, ver = str(doc.body["layer"]), doc.ver
+        if ver <= self._seen_ver(layer):
+            self.counters["stale"] += 1
+            log.info("desired_ignored", reason="stale", layer=layer, ver=ver, applied=self._seen_ver(layer))
+            return
+        if self.restarting:
+            return  # the retained copy comes again after the restart
+        if self.in_trial:
+            self._held[layer] = doc  # decided after the trial (a restart gets it again, retained)
+            self.counters["held"] += 1
+            return
+        config = doc.body["config"]
+        bad = unsettable_paths(config)
+        if bad:
+            await asyncio.to_thread(self._reject, layer, ver, [f"{p}: not remotely settable" for p in bad])
+            return
+        candidate = {**self._docs, layer: doc}
+        try:
+            eff = await asyncio.to_thread(build_effective, self._config_path, candidate)
+        except ConfigError as exc:
+            await asyncio.to_thread(self._reject, layer, ver, key_paths(exc.problems))
+            return
+        self._st.attempted[layer] = ver
+        if eff.hash == self._effective.hash:
+            self._docs = candidate
+            self._st.current = {k: d.raw for k, d in candidate.items()}
+            self._st.apply = {"state": "applied", "layer": layer, "ver": ver, "errors": []}
+            _record(self._st, eff, candidate)
+            await asyncio.to_thread(self._persist)
+            self.counters["applied"] += 1
+            log.info("desired_applied", layer=layer, ver=ver, effective=eff.hash, restart=False)
+            self._changed()
+            return
+        self._st.previous = {k: d.raw for k, d in self._docs.items()}
+        self._st.current = {k: d.raw for k, d in candidate.items()}
+        self._st.trial = {"layer": layer, "ver": ver, "boots": 0, "touched": touched(self._effective.merged,
+                                                                                      eff.merged),
+                          "from": self._effective.hash, "to": eff.hash}
+        await asyncio.to_thread(self._persist)
+        log.info("desired_apply_restart", layer=layer, ver=ver, effective=eff.hash,
+                 touched=self._st.trial["touched"])
+        self.restarting = True
+        self._restart()
+
+    def _reject(self, layer: str, ver: int, errors: list[str]) -> None:
+        self._st.attempted[layer] = ver
+        self._st.apply = {"state": "rejected", "layer": layer, "ver": ver, "errors": errors[:MAX_ERRORS]}
+        self._persist()
+        self.counters["rejected"] += 1
+        log.warning("desired_rejected", layer=layer, ver=ver, errors=errors[:MAX_ERRORS])
+        self._changed()
+
+    async def watch_trial(self, unhealthy: Callable[[dict[str, Any]], str | None], grace: float,
+                          monotonic: Callable[[], float]) -> None:
+        """Decide the trial this daemon started with: applied once the touched components are
+        healthy for SETTLE_S, rolled back when they are not by the end of `grace`."""
+        trial = self._st.trial
+        if trial is None:
+            return
+        what = trial.get("touched") or {}
+        start = monotonic()
+        settle = min(SETTLE_S, grace / 3)
+        healthy_since: float | None = None
+        reason: str | None = "not checked yet"
+        while monotonic() - start < grace:
+            reason = unhealthy(what)
+            now = monotonic()
+            if reason is None:
+                healthy_since = now if healthy_since is None else healthy_since
+                if now - healthy_since >= settle:
+                    await self._decided_ok()
+                    return
+            else:
+                healthy_since = None
+            await asyncio.sleep(0.2)
+        reason = unhealthy(what)
+        if reason is None:
+            await self._decided_ok()
+            return
+        await asyncio.to_thread(self._rollback, reason)
+
+    async def _decided_ok(self) -> None:
+        await asyncio.to_thread(self._trial_ok)
+        held, self._held = self._held, {}
+        for doc in sorted(held.values(), key=lambda d: LAYERS.index(str(d.body["layer"]))):
+            await self.handle(doc)  # newer layers that came during the trial
+
+    def _trial_ok(self) -> None:
+        trial = self._st.trial or {}
+        self._st.apply = {"state": "applied", "layer": trial.get("layer"), "ver": trial.get("ver"), "errors": []}
+        self._st.trial = None
+        self._st.previous = None
+        self._persist()
+        self.counters["applied"] += 1
+        log.info("desired_applied", layer=trial.get("layer"), ver=trial.get("ver"), effective=self._effective.hash,
+                 restart=True)
+        self._changed()
+
+    def _rollback(self, reason: str) -> None:
+        trial = self._st.trial or {}
+        self._st.apply = {"state": "rolled-back", "layer": trial.get("layer"), "ver": trial.get("ver"),
+                          "errors": [reason]}
+        self._st.current = self._st.previous or {}
+        self._st.previous = None
+        self._st.trial = None
+        self._persist()
+        self.counters["rolled_back"] += 1
+        log.error("desired_rolled_back", layer=trial.get("layer"), ver=trial.get("ver"), reason=reason)
+        self.restarting = True
+        self._restart()
