@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
 from edge.aio import wait_event
 from edge.downlink.commands import CommandRunner
-from edge.downlink.desired import Boot, DesiredState
+from edge.downlink.desired import Boot, DesiredState, Watch
 from edge.downlink.loglevel import TemporaryLogLevel
 from edge.downlink.reported import build_reported
 from edge.downlink.wiring import command_deps, status_of
@@ -74,11 +75,15 @@ class Downlink:
         self._tasks: list[asyncio.Task[None]] = []
         self._log_level = TemporaryLogLevel()
         self._commands: CommandRunner | None = None
+        watch = Watch(self._unhealthy, rt.cfg.health.apply_grace, rt.clock.monotonic)
         self.desired = DesiredState(config_path=config_path, boot=boot, state_dir=rt.cfg.paths.state_dir,
-                                    restart=rt.request_restart, changed=self._report_now.set)
+                                    restart=rt.request_restart, changed=self._report_now.set, watch=watch,
+                                    live=rt.reconfigure_drivers)
+        filters = device_filters(self._prefix, *self._ids)
+        if rt.consent_sync is None:  # this store keeps privacy.consent_file: the shards are not for it
+            filters = [f for f in filters if "/consent/" not in f]
         # registered now, before the uplink's session task first runs: the cap and filters apply to it
-        uplink.add_inbound(device_filters(self._prefix, *self._ids), self._offer, max_packet=MAX_PACKET,
-                           on_connect=self._report_now.set)
+        uplink.add_inbound(filters, self._offer, max_packet=MAX_PACKET, on_connect=self._report_now.set)
 
     # -- component protocol -------------------------------------------------------------
     async def start(self) -> None:
@@ -119,7 +124,9 @@ class Downlink:
     # -- intake -------------------------------------------------------------------------
     def _drop(self, reason: str, topic: str, size: int) -> None:
         self.dropped[reason] += 1
-        log.warning("downlink_dropped", reason=reason, topic=topic[:200], size=size)
+        n = self.dropped[reason]
+        if n <= 10 or n % 1000 == 0:  # a flood of forgeries must not flood the journal too
+            log.warning("downlink_dropped", reason=reason, topic=topic[:200], size=size, count=n)
 
     def _offer(self, topic: str, payload: bytes) -> None:
         """The MQTT callback: queue and return (never blocks the session)."""
@@ -163,6 +170,7 @@ class Downlink:
         if doc.kind == "cmd":
             if self._commands is not None:  # made in start(), before the first message is taken
                 await self._commands.handle(doc)
+                self._report_now.set()  # cloud-key.add/retire change cloud_kids
         elif doc.kind == "consent":
             sync = self._rt.consent_sync
             if sync is None:  # this store keeps privacy.consent_file
@@ -195,10 +203,9 @@ class Downlink:
                 log.error("reported_failed", error=type(exc).__name__)
 
     async def _trial(self) -> None:
-        rt = self._rt
-        await self.desired.watch_trial(self._unhealthy, rt.cfg.health.apply_grace, rt.clock.monotonic)
+        await self.desired.watch_trial()
 
-    def _unhealthy(self, what: dict[str, Any]) -> str | None:
+    def _unhealthy(self, what: Mapping[str, Any]) -> str | None:
         """Why a component the change touched is not healthy, or None."""
         rt = self._rt
         names = set(what.get("drivers") or ())

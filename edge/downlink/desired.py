@@ -30,7 +30,7 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,21 +296,49 @@ def touched(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     return {"sections": sections, "drivers": drivers}
 
 
+Unhealthy = Callable[[Mapping[str, Any]], "str | None"]
+Live = Callable[[Config, Collection[str]], Awaitable[None]]
+
+
+def live_change(old: Mapping[str, Any], new: Mapping[str, Any], what: Mapping[str, Any]) -> bool:
+    """A change the running daemon applies by restarting only the drivers it touched: `drivers`
+    only, and not the BLE presence settings (store analytics is built from them at start)."""
+    if what.get("sections") != ["drivers"]:
+        return False
+
+    def presence(cfg: Mapping[str, Any]) -> Any:
+        ble = (cfg.get("drivers") or {}).get("ble")
+        return ble.get("presence") if isinstance(ble, Mapping) else None
+
+    return bool(presence(old) == presence(new))
+
+
+@dataclass(slots=True, frozen=True)
+class Watch:
+    """How the daemon judges a change: `unhealthy(touched)` -> reason or None, for `grace` seconds."""
+
+    unhealthy: Unhealthy
+    grace: float
+    monotonic: Callable[[], float]
+
+
 class DesiredState:
     """The desired-state side of the downlink component (one per daemon)."""
 
     def __init__(self, *, config_path: str, boot: Boot, state_dir: Path, restart: Callable[[], None],
-                 changed: Callable[[], None]) -> None:
+                 changed: Callable[[], None], watch: Watch, live: Live | None = None) -> None:
         self._config_path = config_path
-        self._boot = boot
         self._st = boot.state
         self._docs = dict(boot.docs)
         self._effective = boot.effective
         self._state_dir = state_dir
         self._restart = restart
         self._changed = changed  # publish `reported`
+        self._watch = watch
+        self._live = live
         self.restarting = False
-        self.counters: dict[str, int] = {"stale": 0, "applied": 0, "rejected": 0, "rolled_back": 0, "held": 0}
+        self.counters: dict[str, int] = {"stale": 0, "applied": 0, "rejected": 0, "rolled_back": 0, "held": 0,
+                                         "live": 0, "restarts": 0}
         self._held: dict[str, Document] = {}  # newer layers that arrived during a trial
 
     @property
@@ -347,7 +375,7 @@ class DesiredState:
         if self.restarting:
             return  # the retained copy comes again after the restart
         if self.in_trial:
-            self._held[layer] = doc  # decided after the trial (a restart gets it again, retained)
+            self._held[layer] = doc  # decided after the trial
             self.counters["held"] += 1
             return
         config = doc.body["config"]
@@ -362,25 +390,38 @@ class DesiredState:
             await asyncio.to_thread(self._reject, layer, ver, key_paths(exc.problems))
             return
         self._st.attempted[layer] = ver
-        if eff.hash == self._effective.hash:
-            self._docs = candidate
+        await self._apply(layer, ver, candidate, eff)
+
+    async def _apply(self, layer: str, ver: int, candidate: dict[str, Document], eff: Effective) -> None:
+        if eff.hash == self._effective.hash:  # same content (e.g. a new ver of the same layer)
+            self._docs, self._effective = candidate, eff
             self._st.current = {k: d.raw for k, d in candidate.items()}
-            self._st.apply = {"state": "applied", "layer": layer, "ver": ver, "errors": []}
-            _record(self._st, eff, candidate)
-            await asyncio.to_thread(self._persist)
-            self.counters["applied"] += 1
-            log.info("desired_applied", layer=layer, ver=ver, effective=eff.hash, restart=False)
-            self._changed()
+            await asyncio.to_thread(self._trial_ok, {"layer": layer, "ver": ver})
             return
+        what = touched(self._effective.merged, eff.merged)
+        live = self._live is not None and live_change(self._effective.merged, eff.merged, what)
         self._st.previous = {k: d.raw for k, d in self._docs.items()}
         self._st.current = {k: d.raw for k, d in candidate.items()}
-        self._st.trial = {"layer": layer, "ver": ver, "boots": 0, "touched": touched(self._effective.merged,
-                                                                                      eff.merged),
-                          "from": self._effective.hash, "to": eff.hash}
+        # a live trial counts as this boot's: a daemon that dies during it is rolled back at its next start
+        self._st.trial = {"layer": layer, "ver": ver, "boots": 1 if live else 0, "touched": what,
+                          "from": self._effective.hash, "to": eff.hash, "live": live}
         await asyncio.to_thread(self._persist)
-        log.info("desired_apply_restart", layer=layer, ver=ver, effective=eff.hash,
-                 touched=self._st.trial["touched"])
+        if live and self._live is not None:
+            log.info("desired_apply_live", layer=layer, ver=ver, effective=eff.hash, touched=what)
+            old_docs, old_eff = self._docs, self._effective
+            self._docs, self._effective = candidate, eff
+            self.counters["live"] += 1
+            await self._live(eff.cfg, what["drivers"])
+            if not await self.watch_trial():
+                self._docs, self._effective = old_docs, old_eff
+                _record(self._st, old_eff, old_docs)
+                await asyncio.to_thread(self._persist)
+                await self._live(old_eff.cfg, what["drivers"])
+                self._changed()
+            return
+        log.info("desired_apply_restart", layer=layer, ver=ver, effective=eff.hash, touched=what)
         self.restarting = True
+        self.counters["restarts"] += 1
         self._restart()
 
     def _reject(self, layer: str, ver: int, errors: list[str]) -> None:
@@ -391,61 +432,59 @@ class DesiredState:
         log.warning("desired_rejected", layer=layer, ver=ver, errors=errors[:MAX_ERRORS])
         self._changed()
 
-    async def watch_trial(self, unhealthy: Callable[[dict[str, Any]], str | None], grace: float,
-                          monotonic: Callable[[], float]) -> None:
-        """Decide the trial this daemon started with: applied once the touched components are
-        healthy for SETTLE_S, rolled back when they are not by the end of `grace`."""
+    async def watch_trial(self) -> bool:
+        """Decide the trial (this daemon started with it, or applied it live): applied once the
+        touched components are healthy for SETTLE_S, rolled back when they are not by the end of
+        the grace. True when applied."""
         trial = self._st.trial
         if trial is None:
-            return
+            return True
         what = trial.get("touched") or {}
-        start = monotonic()
-        settle = min(SETTLE_S, grace / 3)
+        w = self._watch
+        start = w.monotonic()
+        settle = min(SETTLE_S, w.grace / 3)
         healthy_since: float | None = None
-        reason: str | None = "not checked yet"
-        while monotonic() - start < grace:
-            reason = unhealthy(what)
-            now = monotonic()
+        while w.monotonic() - start < w.grace:
+            reason = w.unhealthy(what)
+            now = w.monotonic()
             if reason is None:
                 healthy_since = now if healthy_since is None else healthy_since
                 if now - healthy_since >= settle:
-                    await self._decided_ok()
-                    return
+                    break
             else:
                 healthy_since = None
             await asyncio.sleep(0.2)
-        reason = unhealthy(what)
-        if reason is None:
-            await self._decided_ok()
-            return
-        await asyncio.to_thread(self._rollback, reason)
-
-    async def _decided_ok(self) -> None:
-        await asyncio.to_thread(self._trial_ok)
+        reason = w.unhealthy(what)
+        if reason is not None:
+            await asyncio.to_thread(self._rollback, reason, restart=not trial.get("live"))
+            return False
+        await asyncio.to_thread(self._trial_ok, trial)
         held, self._held = self._held, {}
         for doc in sorted(held.values(), key=lambda d: LAYERS.index(str(d.body["layer"]))):
             await self.handle(doc)  # newer layers that came during the trial
+        return True
 
-    def _trial_ok(self) -> None:
-        trial = self._st.trial or {}
+    def _trial_ok(self, trial: Mapping[str, Any]) -> None:
         self._st.apply = {"state": "applied", "layer": trial.get("layer"), "ver": trial.get("ver"), "errors": []}
         self._st.trial = None
         self._st.previous = None
+        _record(self._st, self._effective, self._docs)
         self._persist()
         self.counters["applied"] += 1
-        log.info("desired_applied", layer=trial.get("layer"), ver=trial.get("ver"), effective=self._effective.hash,
-                 restart=True)
+        log.info("desired_applied", layer=trial.get("layer"), ver=trial.get("ver"), effective=self._effective.hash)
         self._changed()
 
-    def _rollback(self, reason: str) -> None:
+    def _rollback(self, reason: str, *, restart: bool) -> None:
         trial = self._st.trial or {}
         self._st.apply = {"state": "rolled-back", "layer": trial.get("layer"), "ver": trial.get("ver"),
                           "errors": [reason]}
         self._st.current = self._st.previous or {}
         self._st.previous = None
         self._st.trial = None
+        self._st.effective = str(trial.get("from") or self._st.effective)
         self._persist()
         self.counters["rolled_back"] += 1
         log.error("desired_rolled_back", layer=trial.get("layer"), ver=trial.get("ver"), reason=reason)
-        self.restarting = True
-        self._restart()
+        if restart:
+            self.restarting = True
+            self._restart()
