@@ -38,7 +38,7 @@ def collect_status(config_path: str) -> dict[str, Any]:
     doc["page"] = _page(cfg, doc["runtime"])
     doc["downlink"] = None
     if cfg.downlink_active:
-        from edge.downlink.desired import read_summary
+        from edge.downlink.desiredfile import read_summary
 
         doc["downlink"] = read_summary(cfg.paths.state_dir)
     doc["ack_alarm"] = None

@@ -36,7 +36,16 @@ from edge.downlink.component import downlink_component
 from edge.downlink.desired import boot_config
 from edge.supervisor import Supervisor
 from edge.uplink.service import uplink_component
-from edge.wire.downlink import cmd_result_topic, cmd_topic, desired_topic, document, reported_topic, sign_document
+from edge.wire.downlink import (
+    cmd_result_topic,
+    cmd_topic,
+    consent_shard,
+    consent_topic,
+    desired_topic,
+    document,
+    reported_topic,
+    sign_document,
+)
 from edge.wire.uplink import kid_of, public_raw
 
 EDGE = str(Path(sys.executable).parent / "edge")
@@ -314,14 +323,15 @@ class SyncedClock(SystemClock):
         return True
 
 
-async def test_a_command_delivered_twice_runs_once_and_an_expired_one_not_at_all(
+async def test_a_command_delivered_twice_runs_once_an_expired_one_not_at_all_and_consent_is_counted_only(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     path = _config(tmp_path, mosquitto.url)
     cfg = load_config(path)
     boot = boot_config(str(path), cfg)
     sup = Supervisor(boot.effective.cfg, SyncedClock(), drivers=lambda c, k: [],
-                     components=[uplink_component, downlink_component(str(path), boot)])
+                     components=[uplink_component, downlink_component(str(path), boot)],
+                     cloud_consent=boot.effective.cfg.cloud_consent)
     stop = asyncio.Event()
     async with _cloud(mosquitto) as cloud:
         task = asyncio.create_task(sup.run(stop))
@@ -338,6 +348,19 @@ async def test_a_command_delivered_twice_runs_once_and_an_expired_one_not_at_all
             assert [(r["id"], r["ok"], r.get("error")) for r in cloud.results] == [
                 ("c-1", True, None), ("c-1", False, "duplicate"), ("c-2", False, "expired")]
             assert cloud.results[0]["result"]["t"] > 0
+            # a consent shard goes to ConsentSync; `reported` counts it and never names the pseudonym
+            pseudonym = "st-4f1c2a9e0b7d"
+            shard = consent_shard(pseudonym)
+            doc = document("consent", IDS[0], "_all", "_all", kid_of(public_raw(CLOUD_KEY.public_key())),
+                           now, shard=shard, rev=1, consented=[pseudonym])
+            await cloud.client.publish(consent_topic(PREFIX, IDS[0], shard), sign_document(doc, CLOUD_KEY),
+                                       qos=1, retain=True)
+            r = await cloud.until(lambda r: r["consent"]["shards"] == 1)
+            assert r["consent"] == {"shards": 1, "pseudonyms": 1}
+            assert sup.runtime is not None
+            assert sup.runtime.consent_sync is not None
+            assert pseudonym in sup.runtime.consent_sync
+            assert pseudonym not in json.dumps(r)
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)

@@ -99,6 +99,7 @@ class Downlink:
             log.warning(event, **fields)
 
     async def stop(self) -> None:
+        await self.desired.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -9,25 +9,29 @@ configuration is validated exactly as `edge check-config` does (schema, trust ru
 start-up checks of edge/preflight.py: keys, TLS files, serial ports, state folder; no network);
 any problem: `rejected` with every problem's key path, nothing changes.
 
-Applying: the daemon restarts (drain as on SIGTERM, exit 75, the service manager starts it
-again; no committed event is lost). Before it stops, `desired.json` in the state folder (atomic,
-0600) holds the accepted signed documents as `current`, the ones before as `previous`, and a
-`trial`. `edge run` builds its configuration from the persisted documents (re-verified with the
-trusted cloud keys: `boot_config`), so a reboot without network runs the same effective hash.
-With a trial set, the new daemon watches the components the change touched for
-`health.apply_grace`: healthy (for a short settle time) -> `applied`; not healthy by the end ->
-`previous` becomes `current` again, `rolled-back` with the reason, and another restart. A daemon
-that dies during its trial (never decided) is rolled back at its next start.
+Applying. A change confined to `drivers` (and not to the BLE presence settings store analytics
+is built from) is applied live: only the drivers it touched are stopped and started again with
+it (`Runtime.reconfigure_drivers`). Any other change restarts the daemon (drain as on SIGTERM,
+exit 75, the service manager starts it again; no committed event is lost). Either way
+`desired.json` in the state folder (edge/downlink/desiredfile.py, atomic, 0600) first holds the
+accepted signed documents as `current`, the ones before as `previous`, and a `trial`. `edge run`
+builds its configuration from the persisted documents (re-verified with the trusted cloud keys:
+`boot_config`), so a reboot without network runs the same effective hash.
+
+The trial: the components the change touched (its drivers; the buffer always) are watched for
+`health.apply_grace`: healthy for a short settle time -> `applied`; not healthy by the end ->
+`previous` becomes `current` again, `rolled-back` with the reason (live: the drivers go back;
+otherwise another restart). A daemon that dies during a trial it started with, or during a live
+trial, is rolled back at its next start.
 
 A change that leaves the effective hash as it is (e.g. a new `ver` with the same content) is
-recorded as applied without a restart.
+recorded as applied at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -39,7 +43,8 @@ import structlog
 
 from edge.config import Config
 from edge.configload import read_config_data, validate_config_data
-from edge.downlink.trust import FileTrustedKeys, write_atomic
+from edge.downlink.desiredfile import DesiredFile, read_state, write_state
+from edge.downlink.trust import FileTrustedKeys
 from edge.errors import ConfigError
 from edge.wire.downlink import (
     LAYERS,
@@ -54,9 +59,7 @@ from edge.wire.downlink import (
 
 log = structlog.get_logger("edge.downlink.desired")
 
-STATE_FILE = "desired.json"
 EFFECTIVE = "effective"  # the `where` of problems of the effective configuration
-MAX_STATE_FILE = 48 * 1024 * 1024  # six documents of at most 4 MiB, base64
 SETTLE_S = 1.0  # touched components must stay healthy this long (at most a third of the grace)
 MAX_ERRORS = 50  # problems listed in one apply result
 
@@ -73,86 +76,6 @@ def layer_topic(prefix: str, identity: tuple[str, str, str], layer: str) -> str:
     if layer == "store":
         return desired_topic(prefix, tenant, store)
     return desired_topic(prefix, tenant, store, device)
-
-
-# -- the persisted state --------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class DesiredFile:
-    """`desired.json`: documents as received (base64 of the envelope) plus what `edge status` shows."""
-
-    current: dict[str, bytes] = field(default_factory=dict)
-    previous: dict[str, bytes] | None = None
-    attempted: dict[str, int] = field(default_factory=dict)
-    trial: dict[str, Any] | None = None
-    apply: dict[str, Any] | None = None
-    # written for `edge status`: what the running configuration is made of
-    layers: dict[str, int] = field(default_factory=dict)
-    effective: str | None = None
-
-
-def _b64(raw: Mapping[str, bytes]) -> dict[str, str]:
-    return {k: base64.b64encode(v).decode() for k, v in raw.items()}
-
-
-def _unb64(doc: Any) -> dict[str, bytes]:
-    if not isinstance(doc, dict):
-        raise TypeError("expected a map of layer -> base64")
-    return {str(k): base64.b64decode(v, validate=True) for k, v in doc.items() if k in LAYERS}
-
-
-def read_state(state_dir: Path) -> DesiredFile:
-    """The persisted state; an unreadable or malformed file is logged and counts as empty."""
-    path = Path(state_dir) / STATE_FILE
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_STATE_FILE + 1)
-    except FileNotFoundError:
-        return DesiredFile()
-    except OSError as exc:
-        log.error("desired_state_unreadable", file=str(path), error=exc.strerror)
-        return DesiredFile()
-    try:
-        doc = json.loads(data[:MAX_STATE_FILE])
-        prev = doc.get("previous")
-        return DesiredFile(
-            current=_unb64(doc.get("current", {})),
-            previous=None if prev is None else _unb64(prev),
-            attempted={str(k): int(v) for k, v in dict(doc.get("attempted", {})).items() if k in LAYERS},
-            trial=dict(doc["trial"]) if isinstance(doc.get("trial"), dict) else None,
-            apply=dict(doc["apply"]) if isinstance(doc.get("apply"), dict) else None,
-            layers={str(k): int(v) for k, v in dict(doc.get("layers", {})).items()},
-            effective=str(doc["effective"]) if doc.get("effective") else None,
-        )
-    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
-        log.error("desired_state_malformed", file=str(path), error=type(exc).__name__,
-                  effect="runs with the local configuration until the next accepted layer")
-        return DesiredFile()
-
-
-def write_state(state_dir: Path, st: DesiredFile) -> None:
-    doc = {
-        "v": 1,
-        "layers": st.layers,
-        "effective": st.effective,
-        "apply": st.apply,
-        "attempted": st.attempted,
-        "trial": st.trial,
-        "current": _b64(st.current),
-        "previous": None if st.previous is None else _b64(st.previous),
-    }
-    write_atomic(Path(state_dir) / STATE_FILE, json.dumps(doc, indent=1).encode())
-
-
-def read_summary(state_dir: Path) -> dict[str, Any] | None:
-    """What `edge status` shows: layers (ver per layer), effective hash, last apply, trial."""
-    path = Path(state_dir) / STATE_FILE
-    if not path.exists():
-        return None
-    st = read_state(state_dir)
-    return {"layers": {lay: st.layers.get(lay, 0) for lay in LAYERS}, "effective": st.effective,
-            "apply": st.apply, "trial": st.trial is not None}
 
 
 # -- the effective configuration -------------------------------------------------------------
@@ -340,6 +263,7 @@ class DesiredState:
         self.counters: dict[str, int] = {"stale": 0, "applied": 0, "rejected": 0, "rolled_back": 0, "held": 0,
                                          "live": 0, "restarts": 0}
         self._held: dict[str, Document] = {}  # newer layers that arrived during a trial
+        self._task: asyncio.Task[None] | None = None  # a live trial being watched
 
     @property
     def in_trial(self) -> bool:
@@ -381,13 +305,13 @@ class DesiredState:
         config = doc.body["config"]
         bad = unsettable_paths(config)
         if bad:
-            await asyncio.to_thread(self._reject, layer, ver, [f"{p}: not remotely settable" for p in bad])
+            await self._reject(layer, ver, [f"{p}: not remotely settable" for p in bad])
             return
         candidate = {**self._docs, layer: doc}
         try:
             eff = await asyncio.to_thread(build_effective, self._config_path, candidate)
         except ConfigError as exc:
-            await asyncio.to_thread(self._reject, layer, ver, key_paths(exc.problems))
+            await self._reject(layer, ver, key_paths(exc.problems))
             return
         self._st.attempted[layer] = ver
         await self._apply(layer, ver, candidate, eff)
@@ -396,7 +320,7 @@ class DesiredState:
         if eff.hash == self._effective.hash:  # same content (e.g. a new ver of the same layer)
             self._docs, self._effective = candidate, eff
             self._st.current = {k: d.raw for k, d in candidate.items()}
-            await asyncio.to_thread(self._trial_ok, {"layer": layer, "ver": ver})
+            await self._trial_ok({"layer": layer, "ver": ver})
             return
         what = touched(self._effective.merged, eff.merged)
         live = self._live is not None and live_change(self._effective.merged, eff.merged, what)
@@ -408,26 +332,47 @@ class DesiredState:
         await asyncio.to_thread(self._persist)
         if live and self._live is not None:
             log.info("desired_apply_live", layer=layer, ver=ver, effective=eff.hash, touched=what)
-            old_docs, old_eff = self._docs, self._effective
-            self._docs, self._effective = candidate, eff
-            self.counters["live"] += 1
-            await self._live(eff.cfg, what["drivers"])
-            if not await self.watch_trial():
-                self._docs, self._effective = old_docs, old_eff
-                _record(self._st, old_eff, old_docs)
-                await asyncio.to_thread(self._persist)
-                await self._live(old_eff.cfg, what["drivers"])
-                self._changed()
+            # watched in its own task: commands and consent shards are not held up by the grace
+            self._task = asyncio.create_task(self._live_trial(self._live, candidate, eff, what["drivers"]),
+                                             name="downlink:live-trial")
             return
         log.info("desired_apply_restart", layer=layer, ver=ver, effective=eff.hash, touched=what)
         self.restarting = True
         self.counters["restarts"] += 1
         self._restart()
 
-    def _reject(self, layer: str, ver: int, errors: list[str]) -> None:
+    async def _live_trial(self, live: Live, candidate: dict[str, Document], eff: Effective,
+                          drivers: list[str]) -> None:
+        old_docs, old_eff = self._docs, self._effective
+        self._docs, self._effective = candidate, eff
+        self.counters["live"] += 1
+        try:
+            await live(eff.cfg, drivers)
+            ok = await self.watch_trial()
+        except asyncio.CancelledError:
+            raise  # the daemon stops: the persisted trial is rolled back at the next start
+        except Exception as exc:  # reconfiguring failed half-way: back to the previous drivers
+            log.exception("desired_apply_live_failed", error=type(exc).__name__)
+            await self._rollback(f"applying failed: {type(exc).__name__}", restart=False)
+            ok = False
+        if not ok:
+            self._docs, self._effective = old_docs, old_eff
+            _record(self._st, old_eff, old_docs)
+            await asyncio.to_thread(self._persist)
+            await live(old_eff.cfg, drivers)
+            self._changed()
+
+    async def close(self) -> None:
+        """Stop a live trial still being watched (its persisted trial is rolled back at the next start)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _reject(self, layer: str, ver: int, errors: list[str]) -> None:
         self._st.attempted[layer] = ver
         self._st.apply = {"state": "rejected", "layer": layer, "ver": ver, "errors": errors[:MAX_ERRORS]}
-        self._persist()
+        await asyncio.to_thread(self._persist)
         self.counters["rejected"] += 1
         log.warning("desired_rejected", layer=layer, ver=ver, errors=errors[:MAX_ERRORS])
         self._changed()
@@ -456,25 +401,25 @@ class DesiredState:
             await asyncio.sleep(0.2)
         reason = w.unhealthy(what)
         if reason is not None:
-            await asyncio.to_thread(self._rollback, reason, restart=not trial.get("live"))
+            await self._rollback(reason, restart=not trial.get("live"))
             return False
-        await asyncio.to_thread(self._trial_ok, trial)
+        await self._trial_ok(trial)
         held, self._held = self._held, {}
         for doc in sorted(held.values(), key=lambda d: LAYERS.index(str(d.body["layer"]))):
             await self.handle(doc)  # newer layers that came during the trial
         return True
 
-    def _trial_ok(self, trial: Mapping[str, Any]) -> None:
+    async def _trial_ok(self, trial: Mapping[str, Any]) -> None:
         self._st.apply = {"state": "applied", "layer": trial.get("layer"), "ver": trial.get("ver"), "errors": []}
         self._st.trial = None
         self._st.previous = None
         _record(self._st, self._effective, self._docs)
-        self._persist()
+        await asyncio.to_thread(self._persist)
         self.counters["applied"] += 1
         log.info("desired_applied", layer=trial.get("layer"), ver=trial.get("ver"), effective=self._effective.hash)
         self._changed()
 
-    def _rollback(self, reason: str, *, restart: bool) -> None:
+    async def _rollback(self, reason: str, *, restart: bool) -> None:
         trial = self._st.trial or {}
         self._st.apply = {"state": "rolled-back", "layer": trial.get("layer"), "ver": trial.get("ver"),
                           "errors": [reason]}
@@ -482,7 +427,7 @@ class DesiredState:
         self._st.previous = None
         self._st.trial = None
         self._st.effective = str(trial.get("from") or self._st.effective)
-        self._persist()
+        await asyncio.to_thread(self._persist)
         self.counters["rolled_back"] += 1
         log.error("desired_rolled_back", layer=trial.get("layer"), ver=trial.get("ver"), reason=reason)
         if restart:
