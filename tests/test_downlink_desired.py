@@ -49,10 +49,11 @@ def _raw(ver: int, config: dict[str, Any], key: Ed25519PrivateKey = CLOUD_KEY) -
 
 
 def test_touched_names_sections_and_drivers_and_only_driver_changes_are_live() -> None:
-    old = {"drivers": {"ble": {"sim": {"rate": 1}}, "pos": [{"name": "a", "baudrate": 9600}, {"name": "b"}]},
-           "buffer": {"max_events": 10}}
-    new = {"drivers": {"ble": {"sim": {"rate": 1}}, "pos": [{"name": "a", "baudrate": 19200}, {"name": "c"}]},
-           "buffer": {"max_events": 10}}
+    ble = {"sim": {"rate": 1}}
+    old: dict[str, Any] = {"drivers": {"ble": ble, "pos": [{"name": "a", "baudrate": 9600}, {"name": "b"}]},
+                           "buffer": {"max_events": 10}}
+    new: dict[str, Any] = {"drivers": {"ble": ble, "pos": [{"name": "a", "baudrate": 19200}, {"name": "c"}]},
+                           "buffer": {"max_events": 10}}
     what = touched(old, new)
     assert what == {"sections": ["drivers"], "drivers": ["pos:a", "pos:b", "pos:c"]}
     assert live_change(old, new, what)
