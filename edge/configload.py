@@ -406,7 +406,10 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"buffer     at most {format_size(b.max_bytes)}" + f" / {b.max_events} events" * bool(b.max_events)
         + f"; when full: {b.when_full}; priority {' > '.join(b.priorities)}",
         f"{pad}retention " + ", ".join(f"{src} {format_duration(s)}" for src, s in b.retention.items()),
-        f"uplink     {u.broker} (prefix {u.prefix})" if u.enabled else "uplink     disabled",
+        (f"uplink     {u.broker} (prefix {u.prefix})" + (f"; downlink on, apply grace "
+                                                          f"{format_duration(cfg.health.apply_grace)}"
+                                                          if cfg.downlink_active else "; downlink off"))
+        if u.enabled else "uplink     disabled",
         f"{pad}TLS: off" if u.broker.startswith("mqtt://") else f"{pad}TLS: {tls}",
         f"{pad}window {u.window} batches, ack timeout {format_duration(u.ack_timeout)}, "
         f"acks {'signed by the cloud key' if u.cloud_public_key else 'UNSIGNED (insecure_unsigned_acks: lab only)'}",
