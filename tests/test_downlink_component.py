@@ -32,11 +32,12 @@ from support.mosquitto import Mosquitto
 
 from edge.clock import SystemClock
 from edge.configload import load_config
-from edge.downlink.component import downlink_component
+from edge.downlink.component import Downlink, downlink_component
 from edge.downlink.desired import boot_config
 from edge.supervisor import Supervisor
 from edge.uplink.service import uplink_component
 from edge.wire.downlink import (
+    MAX_DOCUMENT,
     cmd_result_topic,
     cmd_topic,
     consent_shard,
@@ -323,7 +324,7 @@ class SyncedClock(SystemClock):
         return True
 
 
-async def test_a_command_delivered_twice_runs_once_an_expired_one_not_at_all_and_consent_is_counted_only(
+async def test_commands_run_at_most_once_consent_is_counted_only_and_the_intake_is_bounded(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     path = _config(tmp_path, mosquitto.url)
@@ -361,6 +362,23 @@ async def test_a_command_delivered_twice_runs_once_an_expired_one_not_at_all_and
             assert sup.runtime.consent_sync is not None
             assert pseudonym in sup.runtime.consent_sync
             assert pseudonym not in json.dumps(r)
+            # oversized: dropped unread; a burst beyond the queue: dropped and counted, ingest unaffected
+            dl = next(c for c in sup.runtime.components if isinstance(c, Downlink))
+            await cloud.client.publish(DEVICE_TOPIC, b"\x00" * (MAX_DOCUMENT + 1), qos=1)
+            for _ in range(100):
+                if dl.dropped["too-large"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert dl.dropped["too-large"] == 1
+            limit = boot.effective.cfg.downlink.queue_max
+            for _ in range(limit + 5):  # no await in between: the consumer cannot take any
+                dl._offer(DEVICE_TOPIC, b"garbage")
+            assert dl.dropped["queue-full"] == 5
+            for _ in range(100):
+                if dl.dropped["malformed"] == limit:
+                    break
+                await asyncio.sleep(0.05)
+            assert dl.dropped["malformed"] == limit
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
