@@ -361,6 +361,7 @@ class DesiredState:
             await asyncio.to_thread(self._persist)
             await live(old_eff.cfg, drivers)
             self._changed()
+            await self._take_held()
 
     async def close(self) -> None:
         """Stop a live trial still being watched (its persisted trial is rolled back at the next start)."""
@@ -404,10 +405,14 @@ class DesiredState:
             await self._rollback(reason, restart=not trial.get("live"))
             return False
         await self._trial_ok(trial)
+        await self._take_held()
+        return True
+
+    async def _take_held(self) -> None:
+        """Newer layers that came during the trial, now that it is decided."""
         held, self._held = self._held, {}
         for doc in sorted(held.values(), key=lambda d: LAYERS.index(str(d.body["layer"]))):
-            await self.handle(doc)  # newer layers that came during the trial
-        return True
+            await self.handle(doc)
 
     async def _trial_ok(self, trial: Mapping[str, Any]) -> None:
         self._st.apply = {"state": "applied", "layer": trial.get("layer"), "ver": trial.get("ver"), "errors": []}
