@@ -306,6 +306,9 @@ class Health(Model):
     # /healthz says 503 and `edge status` ALARM when sealed batches wait this long without a
     # valid ack (refused acks, e.g. a wrong uplink.cloud_public_key, or none at all)
     ack_timeout_alarm: Duration = Field(default=600.0, gt=0)
+    # downlink-v1 §Desired state: a config change must leave every component it touched healthy
+    # within this long, or the device returns to the previous effective configuration
+    apply_grace: Duration = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -324,6 +327,18 @@ class Health(Model):
         return split_host_port(self.listen)
 
 
+class Downlink(Model):
+    """Fleet management from the cloud (downlink-v1): desired config layers, signed commands,
+    consent shards, reported state. It shares the uplink's MQTT session, so it runs only while
+    `uplink.enabled`; not remotely settable (a layer cannot switch the channel it came by off)."""
+
+    enabled: bool = True
+    # messages (desired layers, consent shards, commands) waiting to be handled; beyond, dropped and counted
+    queue_max: int = Field(default=512, ge=16, le=65536)
+    # `reported` is published on every change and at least this often while connected (spec: <= 60s)
+    report_interval: Duration = Field(default=60.0, gt=0, le=60)
+
+
 class Logging(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -338,6 +353,7 @@ class Config(Model):
     drivers: Drivers = Field(default_factory=Drivers)
     health: Health = Field(default_factory=Health)
     logging: Logging = Field(default_factory=Logging)
+    downlink: Downlink = Field(default_factory=Downlink)
     analytics: Analytics = Field(default_factory=Analytics)
 
     @model_validator(mode="after")
@@ -352,6 +368,17 @@ class Config(Model):
     @property
     def buffer_path(self) -> Path:
         return self.paths.state_dir / self.buffer.file
+
+    @property
+    def downlink_active(self) -> bool:
+        """The downlink runs: enabled, over an enabled uplink."""
+        return self.downlink.enabled and self.uplink.enabled
+
+    @property
+    def cloud_consent(self) -> bool:
+        """Consent of stable pseudonyms comes from the cloud's shards (downlink-v1 §Consent); a
+        store with `privacy.consent_file` (or without a downlink) keeps its file."""
+        return self.downlink_active and self.privacy.consent_file is None
 
 
 __all__ = ["IDENT_CLASSES", "ID_PATTERN", "Ble", "Config", "Model", "Nfc", "PosLink", "SimRate", "SpecId"]

@@ -86,6 +86,13 @@ def load_model(
         node, data = _parse(where, needs)
     except _Unusable as exc:
         raise ConfigError(where, [str(exc)]) from None
+    return _validate(where, node, data, model, context=context, checks=checks)
+
+
+def _validate(
+    where: str, node: yaml.Node, data: Any, model: type[M], *, context: dict[str, Any] | None,
+    checks: Checks | None,
+) -> M:
     problems = _duplicates(node, (), where)
     try:
         cfg = model.model_validate(data, context=context)
@@ -96,6 +103,27 @@ def load_model(
     if problems:
         raise ConfigError(where, [text for _, text in sorted(problems, key=lambda p: p[0])])
     return cfg
+
+
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """The config file as parsed from YAML, not validated (the base of downlink-v1's effective
+    configuration); ConfigError when it cannot be read or parsed."""
+    try:
+        return _parse(str(path))[1]
+    except _Unusable as exc:
+        raise ConfigError(str(path), [str(exc)]) from None
+
+
+def validate_config_data(data: dict[str, Any], *, where: str, base: Path) -> Config:
+    """`data` (a merged configuration) validated as `load_config` validates a file (trust rules
+    included), relative paths resolved against `base` (the config file's folder); ConfigError
+    whose problems read `{where}:{line}: key.path: ...`, lines of `data` dumped as YAML."""
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    node = yaml.compose(text, Loader=_Loader)
+    if node is None or not isinstance(data, dict):
+        raise ConfigError(where, [f"{where}:1: the configuration is empty: {_NEEDS}"])
+    cfg = _validate(where, node, data, Config, context={"placeholders": False}, checks=_trust)
+    return _resolve_paths(cfg, base)
 
 
 def _parse(where: str, needs: str = _NEEDS) -> tuple[yaml.Node, dict[str, Any]]:
@@ -385,7 +413,10 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"buffer     at most {format_size(b.max_bytes)}" + f" / {b.max_events} events" * bool(b.max_events)
         + f"; when full: {b.when_full}; priority {' > '.join(b.priorities)}",
         f"{pad}retention " + ", ".join(f"{src} {format_duration(s)}" for src, s in b.retention.items()),
-        f"uplink     {u.broker} (prefix {u.prefix})" if u.enabled else "uplink     disabled",
+        (f"uplink     {u.broker} (prefix {u.prefix})" + (f"; downlink on, apply grace "
+                                                          f"{format_duration(cfg.health.apply_grace)}"
+                                                          if cfg.downlink_active else "; downlink off"))
+        if u.enabled else "uplink     disabled",
         f"{pad}TLS: off" if u.broker.startswith("mqtt://") else f"{pad}TLS: {tls}",
         f"{pad}window {u.window} batches, ack timeout {format_duration(u.ack_timeout)}, "
         f"acks {_ack_trust(cfg)}",
