@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -35,13 +35,15 @@ from edge.analytics.wiring import build_analytics, driver_config
 from edge.buffer import Buffer
 from edge.clock import Clock
 from edge.config import Config
-from edge.downlink.consent import ConsentSync
 from edge.errors import EdgeError, StartupError
 from edge.pipeline import Pipeline, Sink, build_pipeline
 from edge.privacy.consent import ConsentList
 from edge.privacy.keys import KeyStore
 from edge.privacy.pseudonym import Pseudonymizer
 from edge.privacy.stage import PrivacyStage
+
+if TYPE_CHECKING:  # imported when used: it pulls edge.wire and so cryptography (~6 MiB of RSS)
+    from edge.downlink.consent import ConsentSync
 
 log = structlog.get_logger("edge.supervisor")
 
@@ -207,6 +209,8 @@ class Supervisor:
     def _consent(self) -> tuple[Container[str] | None, ConsentSync | None]:
         """The consent list the privacy layer consults: the cloud's shards, the file, or none."""
         if self._cloud_consent:
+            from edge.downlink.consent import ConsentSync
+
             try:
                 sync = ConsentSync(self.cfg.paths.state_dir)
             except (sqlite3.Error, OSError) as exc:
