@@ -23,6 +23,8 @@ def _import_structlog_plain() -> None:
         sys.modules[name] = None  # type: ignore[assignment]  # documented: import raises ImportError
     try:
         import structlog  # noqa: F401
+    except ImportError:  # not installed (a bare `import edge`, e.g. a venv built without deps)
+        pass
     finally:
         for name in hidden:
             if sys.modules.get(name, sys) is None:
