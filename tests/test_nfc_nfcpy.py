@@ -356,38 +356,3 @@ async def test_wedged_reader_is_detected_and_the_backend_reopens_it() -> None:
         fake.unwedge.set()
         await until(lambda: driver.status()["state"] == "running", "reopened")
         await until(lambda: len(fake.threads) >= 2, "polling again")
-
-
-class _SlowNdefTag:
-    """The part of an nfcpy Tag read_tag uses; `tag.ndef` is None (a timed-out read) `misses` times."""
-
-    type = "Type2Tag"
-    identifier = bytes.fromhex("04a1b2c3d4e5f6")
-
-    def __init__(self, misses: int, octets: bytes | None, *, raises: bool = False) -> None:
-        self.misses, self.octets, self.raises, self.reads = misses, octets, raises, 0
-
-    @property
-    def ndef(self) -> Any:
-        self.reads += 1
-        if self.reads <= self.misses:
-            if self.raises:
-                raise nfc.tag.TagCommandError(nfc.tag.TIMEOUT_ERROR)
-            return None
-        return None if self.octets is None else type("N", (), {"octets": self.octets})()
-
-
-@pytest.mark.parametrize("raises", [False, True])
-def test_a_slow_ndef_read_is_tried_again_before_the_tag_counts_as_having_none(raises: bool) -> None:
-    from drivers.nfc.nfcpy import NDEF_ATTEMPTS, read_tag
-
-    msg = bytes.fromhex("d1010854027064656d6f21")
-    tag = _SlowNdefTag(NDEF_ATTEMPTS - 1, msg, raises=raises)
-    got = read_tag(tag)
-    assert (got.ndef, got.ndef_failed, tag.reads) == (msg, False, NDEF_ATTEMPTS)
-    blank = _SlowNdefTag(0, None)  # a tag without NDEF: asked NDEF_ATTEMPTS times, then none
-    got = read_tag(blank)
-    assert (got.ndef, got.ndef_failed, blank.reads) == (None, False, NDEF_ATTEMPTS)
-    broken = _SlowNdefTag(99, msg, raises=True)  # every read fails: ndef_failed, bounded attempts
-    got = read_tag(broken)
-    assert (got.ndef, got.ndef_failed, broken.reads) == (None, True, NDEF_ATTEMPTS)

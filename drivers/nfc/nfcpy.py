@@ -197,9 +197,6 @@ class _ReaderLoop:
         self._inbox.post(_Failed(error))
 
 
-NDEF_ATTEMPTS = 3  # reads of a tag's NDEF area before it counts as none (see read_tag)
-
-
 def _uid(tag: Any) -> bytes:
     try:
         return bytes(tag.identifier or b"")[:16]
@@ -207,29 +204,19 @@ def _uid(tag: Any) -> bytes:
         return b""
 
 
-def read_tag(tag: Any, attempts: int = NDEF_ATTEMPTS) -> TagRead:
+def read_tag(tag: Any) -> TagRead:
     """Type, UID and NDEF message of an activated nfcpy tag (blocking I/O; worker thread).
-
-    Never raises: an NDEF area that cannot be read is `ndef_failed`. nfcpy's `tag.ndef` is None both
-    for a tag without NDEF and for a read that timed out (a slow reader, a tag at the edge of the
-    field), and reads again on the next access; so a tag is asked up to `attempts` times before it
-    counts as having none, else one slow read turns a loyalty card into an `unknown` tap.
-    """
+    Never raises: an NDEF area that cannot be read is `ndef_failed`."""
     try:
         tag_type = str(tag.type)[:16]
     except Exception:  # see _uid
         tag_type = "Unknown"
     uid = _uid(tag)
-    failed = False
-    for _ in range(max(1, attempts)):
-        try:
-            ndef = tag.ndef
-            if ndef is not None:
-                return TagRead(tag_type, uid, bytes(ndef.octets))
-            failed = False
-        except Exception:  # tag moved away mid-read, or answered garbage
-            failed = True
-    return TagRead(tag_type, uid, None, ndef_failed=failed)
+    try:
+        ndef = tag.ndef
+        return TagRead(tag_type, uid, None if ndef is None else bytes(ndef.octets))
+    except Exception:  # tag moved away mid-read, or answered garbage
+        return TagRead(tag_type, uid, None, ndef_failed=True)
 
 
 def open_error(path: str, exc: BaseException) -> DriverError:
