@@ -25,13 +25,29 @@ gap fills, and filling it relinks them forward. Only linked batches are proof of
   out of the chain), so an old-epoch replay can no longer make the device's genuine batch
   `chain-broken`.
 
+Settling. A deferral waits for the gap to fill, but a gap can be permanent (the edge's buffer
+drops sealed batches when it is full), and then the device would resend its genuine batch
+forever. `Deferrals` bounds that: once the same batch (identity, seq, hh) has come back
+`max_resends` times after its first deferral, or `max_age` seconds have passed since it, the
+core asks `decide(..., settle=True)`, which resolves every ambiguous conflict for the newcomer:
+it is accepted (unlinked, as it does not link), an unlinked, different held batch at its seq is
+detached with the run that continues it (the intruder's claim dropped), and an unlinked held
+neighbour that does not fit it (`seq - 1`, `seq + 1`) is left as it is (no claim on this seq; a
+batch that links displaces it later). Conflicts with LINKED batches stay `chain-broken`. Both
+batches stay stored and deduplicated whichever way it goes, so settling loses nothing; a
+settlement is counted (`settled`) and logged (`batch_settled`). The price: a replayed old batch
+that keeps coming back can, once, displace an unlinked genuine one (never a linked one) from the
+chain, after which that part of the epoch stays unlinked (it is still stored and acked).
+
 `decide` reads through the transaction (so batches of the same group are seen) and returns a
-`Decision`; the core applies it. Pure logic otherwise: no I/O of its own, no clock.
+`Decision`; the core applies it. Pure logic otherwise: no I/O of its own, no clock (`Deferrals`
+is handed the time).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cloud.store import DeviceState, Ids, StoredBatch, StoreTxn
@@ -63,9 +79,10 @@ def is_duplicate(txn: StoreTxn, ids: Ids, seq: int, hh: bytes) -> bool:
     return any(r.hh == hh for r in txn.at_seq(ids, seq))
 
 
-def decide(txn: StoreTxn, b: Batch) -> Decision:  # noqa: PLR0911, PLR0912 - one return per rule of the module doc
+def decide(txn: StoreTxn, b: Batch, *, settle: bool = False) -> Decision:  # noqa: PLR0911, PLR0912 - one return per rule of the module doc
     """Where `b` goes. The caller has already answered exact resends (`is_duplicate`, which the core
-    asks before authentication); ValueError if `b` is one, as that is a caller bug."""
+    asks before authentication); ValueError if `b` is one, as that is a caller bug. With `settle`,
+    what would be `deferred` is accepted instead (see "Settling" in the module doc)."""
     ids = b.ids
     rows = txn.at_seq(ids, b.seq)
     if any(r.hh == b.hh for r in rows):
@@ -84,13 +101,14 @@ def decide(txn: StoreTxn, b: Batch) -> Decision:  # noqa: PLR0911, PLR0912 - one
     if pred is not None and not fits:
         if pred.linked:
             return Decision("chain-broken", detail=f"prev does not match the held seq {b.seq - 1}")
-        return Decision("deferred", detail=f"prev does not match the held, unlinked seq {b.seq - 1}")
+        if not settle:
+            return Decision("deferred", detail=f"prev does not match the held, unlinked seq {b.seq - 1}")
     linked = fits and pred is not None and pred.linked
     detach: list[tuple[int, bytes]] = []
     if current is not None:
         if current.linked:
             return Decision("chain-broken", detail=f"a different batch with seq {b.seq} is held")
-        if not linked:
+        if not linked and not settle:
             return Decision("deferred", detail=f"an unlinked, different batch with seq {b.seq} is held")
         detach += [(b.seq, current.hh), *_forward(txn, ids, b.seq, current.hh, epoch, mode="detach")]
     succ = _live(txn.at_seq(ids, b.seq + 1), epoch)
@@ -101,7 +119,7 @@ def decide(txn: StoreTxn, b: Batch) -> Decision:  # noqa: PLR0911, PLR0912 - one
                 relink = _forward(txn, ids, b.seq, b.hh, epoch, mode="relink")
         elif linked:
             detach += [(b.seq + 1, succ.hh), *_forward(txn, ids, b.seq + 1, succ.hh, epoch, mode="detach")]
-        else:
+        elif not settle:
             return Decision("deferred", detail=f"the held seq {b.seq + 1} does not continue this batch")
     gap = (highest + 1, b.seq - 1) if highest and b.seq > highest + 1 else None
     return Decision("accepted", epoch=epoch, highest=max(highest, b.seq), linked=linked, gap=gap,
@@ -120,3 +138,38 @@ def _forward(
         seq, hh = seq + 1, nxt.hh
         out.append((seq, hh))
     return tuple(out)
+
+
+@dataclass(slots=True)
+class Deferrals:
+    """How often, and since when, each deferred batch has come back; says when to settle it.
+
+    `note` is called for every deferral of a batch (identity, seq, hh) with the monotonic time: it
+    returns None while the batch may stay deferred, and the reason to settle it ("resends" after
+    `max_resends` returns following the first deferral, "age" once `max_age` seconds have passed
+    since it), forgetting it then. Kept in memory (several workers each count their own: the bound
+    then holds per worker); the `capacity` most recently deferred are kept (LRU), an evicted one
+    starts over, at worst."""
+
+    max_resends: int = 3
+    max_age: float = 600.0
+    capacity: int = 65_536
+    _seen: OrderedDict[tuple[Ids, int, bytes], tuple[int, float]] = field(default_factory=OrderedDict)
+
+    def note(self, ids: Ids, seq: int, hh: bytes, now: float) -> str | None:
+        key = (ids, seq, hh)
+        resends, first = self._seen.get(key, (-1, now))
+        resends += 1
+        reason = "resends" if resends >= self.max_resends else "age" if now - first >= self.max_age else None
+        if reason is not None:
+            self._seen.pop(key, None)
+            return reason
+        self._seen[key] = (resends, first)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+        return None
+
+    def forget(self, ids: Ids, seq: int, hh: bytes) -> None:
+        """The batch was settled otherwise (the gap filled): drop its count."""
+        self._seen.pop((ids, seq, hh), None)

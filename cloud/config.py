@@ -63,6 +63,11 @@ class ReceiverConfig(_Model):
     # "already stored" acks: at most one per (device, seq) this often (replays are answered before
     # authentication); keep it below the devices' uplink.ack_timeout (15 s by default)
     duplicate_ack_interval: Duration = Field(default=5.0, ge=0)
+    # a batch deferred for a chain ambiguity (cloud/chain.py) is settled (accepted) once it has come
+    # back this many times, or this long after its first deferral: a gap that never fills (the
+    # device's buffer dropped batches) must not keep its genuine batch unanswered forever
+    defer_max_resends: int = Field(default=3, ge=0, le=1000)
+    defer_max_age: Duration = Field(default=600.0, ge=0)
     max_group: int = Field(default=256, ge=1, le=10_000)  # batches per commit/fsync
     max_group_bytes: Size = Field(default=16 * 1024**2, ge=1024)  # payload bytes per group (one batch at least)
     # received, not yet handled: beyond either bound further messages are dropped (counted; their

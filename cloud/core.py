@@ -13,7 +13,9 @@ seams (cloud/transport.py, cloud/store.py). For each message, in order:
 4. authenticate (key bound to the topic's identity, signature, body hash): failures get NO ack,
    they are counted (`unauthenticated`) and logged, and nothing of them is stored;
 5. check (topic match, body) and chain (cloud/chain.py): a signed rejection, recorded in the
-   store's quarantine; `deferred` gets no ack (the device resends later);
+   store's quarantine; `deferred` gets no ack (the device resends later), until the same batch
+   has come back often or long enough (`Deferrals`), then it is settled: accepted, counted
+   (`settled`) and logged (`batch_settled`);
 6. store (`add`, `relink`, `detach`).
 
 Then the transaction commits, and only then are the acks released (`GroupResult.acks`). If the
@@ -65,8 +67,10 @@ class _Work:
 
 class IngestCore:
     def __init__(self, *, store: Store, keys: DeviceKeys, signer: AckSigner, limits: Limits, prefix: str,
-                 clock: Clock, duplicate_acks: DuplicateAcks | None = None) -> None:  # fmt: skip
+                 clock: Clock, duplicate_acks: DuplicateAcks | None = None,
+                 deferrals: chain.Deferrals | None = None) -> None:  # fmt: skip
         self._store = store
+        self._deferrals = deferrals or chain.Deferrals()
         self._dup_acks = duplicate_acks or DuplicateAcks()
         self._keys = keys
         self._signer = signer
@@ -137,12 +141,25 @@ class IngestCore:
             self._reject(txn, ids, batch, ref.reason, ref.detail, now, w)
             return
         d = chain.decide(txn, batch)
-        if d.verdict == "chain-broken":
-            self._reject(txn, ids, batch, d.verdict, d.detail, now, w)
-            return
         if d.verdict == "deferred":
-            r.counts["deferred"] += 1
-            log.warning("batch_deferred", tenant=ids[0], store=ids[1], device=ids[2], seq=batch.seq, detail=d.detail)
+            why = self._deferrals.note(ids, batch.seq, batch.hh, self._clock.monotonic())
+            if why is None:
+                r.counts["deferred"] += 1
+                log.warning("batch_deferred", tenant=ids[0], store=ids[1], device=ids[2], seq=batch.seq,
+                            detail=d.detail)  # fmt: skip
+                return
+            deferred_for = d.detail
+            d = chain.decide(txn, batch, settle=True)
+            if d.verdict == "accepted":
+                r.counts["settled"] += 1
+                log.warning("batch_settled", tenant=ids[0], store=ids[1], device=ids[2], seq=batch.seq,
+                            after=why, detail=deferred_for, detached=[s for s, _ in d.detach],
+                            hint="a gap that never filled: accepted unlinked, a conflicting unlinked batch "
+                            "detached")  # fmt: skip
+        else:
+            self._deferrals.forget(ids, batch.seq, batch.hh)
+        if d.verdict != "accepted":
+            self._reject(txn, ids, batch, d.verdict, d.detail, now, w)
             return
         self._accept(txn, ids, batch, events, d, now, w)
 

@@ -130,6 +130,11 @@ class IngestConfig(_Model):
     max_payload: Size | None = Field(default=None, ge=1024)  # default: 4 x batch.max_bytes + 4 KiB
     max_body: Size | None = Field(default=None, ge=1024)  # decompressed body cap; default 4 x batch.max_bytes
     duplicate_ack_interval: Duration = Field(default=5.0, ge=0)
+    # a batch deferred for a chain ambiguity (cloud/chain.py) is settled (accepted) once it has come
+    # back this many times, or this long after its first deferral: a gap that never fills (the
+    # device's buffer dropped batches) must not keep its genuine batch unanswered forever
+    defer_max_resends: int = Field(default=3, ge=0, le=1000)
+    defer_max_age: Duration = Field(default=600.0, ge=0)
     max_group: int = Field(default=64, ge=1, le=4096)  # batches fetched at once = one PostgreSQL transaction
     fetch_wait: Duration = Field(default=1.0, gt=0, le=60)  # a fetch waits this long for a first batch
     key_refresh: Duration = Field(default=1.0, gt=0, le=3600)  # registry changes (revocations) seen this soon

@@ -62,6 +62,8 @@ class IngestMetrics:
                                        registry=r)  # fmt: skip
         self.oversized = Counter(f"{NS}_oversized", "Payloads above max_payload (refused unread)", registry=r)
         self.deferred = Counter(f"{NS}_deferred", "Batches not answered yet (chain ambiguity)", registry=r)
+        self.settled = Counter(f"{NS}_settled", "Deferred batches accepted after defer_max_resends/defer_max_age",
+                               registry=r)  # fmt: skip
         self.commit_failures = Counter(f"{NS}_commit_failures", "Groups whose PostgreSQL transaction failed",
                                        registry=r)  # fmt: skip
         self.errors = Counter(f"{NS}_errors", "Messages or groups that failed inside the worker", registry=r)
@@ -81,6 +83,7 @@ class IngestMetrics:
         self.duplicates.inc(c["duplicate"])
         self.unauthenticated.inc(c["unauthenticated"])
         self.deferred.inc(c["deferred"])
+        self.settled.inc(c["settled"])
         self.errors.inc(c["errors"])
         for reason, n in result.rejected.items():
             self.rejected.labels(reason=reason[:32]).inc(n)

@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from cloud.ack import AckSigner, DuplicateAcks
+from cloud.chain import Deferrals
 from cloud.config import ReceiverConfig, load_receiver_config
 from cloud.core import GroupResult, IngestCore
 from cloud.identity import DeviceKeys, KeysDir
@@ -48,7 +49,8 @@ class ReceiverStats:
     unacked: int = 0  # refused without an ack (unauthenticated, or topic unusable)
     unauthenticated: int = 0  # unparseable, unknown key, bad signature or body hash: never answered
     deferred: int = 0  # ambiguous against an unlinked held batch: not answered yet (cloud/chain.py)
-    detached: int = 0  # held batches moved out of a chain by a batch that links
+    settled: int = 0  # deferred batches accepted after defer_max_resends / defer_max_age (cloud/chain.py)
+    detached: int = 0  # held batches moved out of a chain by a batch that links (or is settled)
     errors: int = 0  # messages or groups that failed inside the receiver (logged)
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,6 +67,7 @@ class ReceiverStats:
         self.unacked += c["unacked"]
         self.unauthenticated += c["unauthenticated"]
         self.deferred += c["deferred"]
+        self.settled += c["settled"]
         self.detached += c["detached"]
         self.errors += c["errors"]
         for reason, n in r.rejected.items():
@@ -109,7 +112,8 @@ class Receiver:
             raise StartupError("receiver", f"cannot open the store ({cfg.db}, {cfg.out}): {exc}") from exc
         self._core = IngestCore(store=self._store, keys=self._keys, signer=AckSigner(cloud_key, cfg.prefix),
                                 limits=cfg.limits, prefix=cfg.prefix, clock=self._clock,
-                                duplicate_acks=DuplicateAcks(cfg.duplicate_ack_interval))  # fmt: skip
+                                duplicate_acks=DuplicateAcks(cfg.duplicate_ack_interval),
+                                deferrals=Deferrals(cfg.defer_max_resends, cfg.defer_max_age))  # fmt: skip
         return self._core
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.aio.client import Client as NATS
 
 from cloud.ack import AckSigner, DuplicateAcks
+from cloud.chain import Deferrals
 from cloud.cluster.jetstream import pending
 from cloud.cluster.js_transport import Backoff, JetStreamTransport
 from cloud.core import IngestCore
@@ -143,7 +144,8 @@ class IngestWorker:
         self._keys = RegistryKeys(dsn, clock, refresh=cfg.key_refresh)
         self._core = IngestCore(store=self._store, keys=self._keys, signer=AckSigner(cloud_key, cfg.prefix),
                                 limits=cfg.limits, prefix=cfg.prefix, clock=clock,
-                                duplicate_acks=DuplicateAcks(cfg.duplicate_ack_interval))  # fmt: skip
+                                duplicate_acks=DuplicateAcks(cfg.duplicate_ack_interval),
+                                deferrals=Deferrals(cfg.defer_max_resends, cfg.defer_max_age))  # fmt: skip
 
     def _open(self) -> None:
         self._store.open()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 from test_receiver import CLOUD, Device, cloud_key_file
 
 from cloud.config import ReceiverConfig
@@ -90,6 +91,102 @@ def test_ambiguous_conflict_is_deferred_unanswered_then_settled_by_the_gap_filli
         assert receiver.stats.rejected == {}
     finally:
         receiver.close()
+
+
+def _reset_with_a_replayed_old_4(r: Receiver, dev: Device) -> list[tuple[int, bytes, bytes]]:
+    """Epoch 1 stored its seq 1; the device resets, the new epoch stores 1 and 2, and an attacker
+    replays the old epoch's never-stored 4 (accepted into the new epoch, unlinked: a gap at 3).
+    The device's genuine 3 never comes (its buffer dropped it). The new chain's 1..6 are returned."""
+    old = [dev.seal(tag="old") for _ in range(4)]
+    assert all(a.ok for a in send(r, dev, old[0]))
+    dev.restart_from_scratch()
+    new = [dev.seal(tag="new") for _ in range(6)]
+    assert all(a.ok for a in send(r, dev, new[0], new[1]))
+    assert send(r, dev, old[3])[0].ok
+    return new
+
+
+def test_a_deferral_behind_a_gap_that_never_fills_is_settled_after_three_resends(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The genuine 4 conflicts with the replayed old 4 and neither links: deferred (no ack) on its
+    first arrival and its first two resends; its third resend (defer_max_resends: 3) is settled:
+    acked ok, the old 4 detached (kept), counted and logged. The genuine 5 behind it is accepted
+    at once, nothing is refused, and if the genuine 3 does turn up after all, it links 4 and 5."""
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    receiver.open()
+    try:
+        new = _reset_with_a_replayed_old_4(receiver, dev)
+        for _ in range(3):
+            assert send(receiver, dev, new[3]) == []
+        assert (receiver.stats.deferred, receiver.stats.settled) == (3, 0)
+        with capture_logs() as logs:
+            acks = send(receiver, dev, new[3])
+        assert [(a.seq, a.ok) for a in acks] == [(4, True)]
+        (settled,) = [e for e in logs if e["event"] == "batch_settled"]
+        assert (settled["seq"], settled["after"], settled["detached"]) == (4, "resends", [4])
+        assert (receiver.stats.settled, receiver.stats.detached) == (1, 1)
+        assert [(a.seq, a.ok) for a in send(receiver, dev, new[4])] == [(5, True)]
+        assert receiver.stats.deferred == 3
+        assert receiver.stats.rejected == {}
+        # epoch 2: 1, 2 linked; old 4 detached; genuine 4 and 5 unlinked (gap at 3)
+        assert [r for r in _rows(receiver_db(tmp_path), dev.ids[2]) if r[1] == 2] == [
+            (1, 2, 1, 0), (2, 2, 1, 0), (4, 2, 0, 0), (4, 2, 0, 1), (5, 2, 0, 0)]  # fmt: skip
+        assert [(a.seq, a.ok) for a in send(receiver, dev, new[2])] == [(3, True)]
+        assert [r for r in _rows(receiver_db(tmp_path), dev.ids[2]) if r[1] == 2 and not r[3]] == [
+            (1, 2, 1, 0), (2, 2, 1, 0), (3, 2, 1, 0), (4, 2, 1, 0), (5, 2, 1, 0)]  # fmt: skip
+    finally:
+        receiver.close()
+
+
+def test_a_deferral_is_settled_once_defer_max_age_has_passed(tmp_path: Path) -> None:
+    """With resends not counting (defer_max_resends high), the bound is time: the genuine 4 and 5
+    (5's prev does not match the held, unlinked old 4) are deferred while the clock is under
+    defer_max_age (10 min by default) since their first deferral, and settled by the first resend
+    after it: both acked ok, the old 4 detached, the chain-broken rule against LINKED batches
+    untouched (a fork of seq 2 is still refused)."""
+    (tmp_path / "keys").mkdir()
+    cfg = ReceiverConfig(broker="mqtt://127.0.0.1:1", keys_dir=tmp_path / "keys", db=tmp_path / "r.db",
+                         out=tmp_path / "events.jsonl", cloud_key=cloud_key_file(tmp_path),
+                         defer_max_resends=1000)  # fmt: skip
+    assert cfg.defer_max_age == 600
+    clock = FakeClock()
+    r = Receiver(cfg, clock=clock)
+    dev = Device()
+    dev.register(tmp_path / "keys")
+    r.open()
+    try:
+        new = _reset_with_a_replayed_old_4(r, dev)
+        for _ in range(5):
+            assert send(r, dev, new[4], new[3]) == []
+            clock.advance(119.9)
+        assert r.stats.deferred == 10
+        clock.advance(0.6)
+        acks = send(r, dev, new[4], new[3])
+        assert [(a.seq, a.ok) for a in acks] == [(5, True), (4, True)]
+        assert (r.stats.settled, r.stats.detached, r.stats.rejected) == (2, 1, {})
+        _, _, fork = dev.seal(seq=2, prev=new[0][1], tag="fork")
+        (ack,) = send(r, dev, (2, b"", fork))
+        assert (ack.ok, ack.err) == (False, "chain-broken")
+    finally:
+        r.close()
+
+
+def test_the_deferral_tracker_is_bounded_and_forgets_a_batch_settled_by_its_gap() -> None:
+    """`Deferrals` keeps at most `capacity` batches (LRU); `forget` (the gap filled) restarts the count."""
+    from cloud.chain import Deferrals
+
+    ids = ("acme", "s001", "edge-01")
+    d = Deferrals(max_resends=2, max_age=600, capacity=2)
+    assert [d.note(ids, 4, b"a", 0.0), d.note(ids, 4, b"a", 1.0), d.note(ids, 4, b"a", 2.0)] == [None, None, "resends"]
+    assert d.note(ids, 4, b"a", 3.0) is None  # settled: forgotten, a new deferral starts over
+    d.forget(ids, 4, b"a")
+    assert d.note(ids, 4, b"a", 4.0) is None
+    d.note(ids, 5, b"b", 4.0)
+    d.note(ids, 6, b"c", 4.0)  # capacity 2: (4, a) evicted
+    assert d.note(ids, 4, b"a", 5.0) is None
+    assert d.note(ids, 6, b"c", 700.0) == "age"
 
 
 def test_a_fork_of_a_linked_chain_is_still_chain_broken(tmp_path: Path, receiver: Receiver) -> None:

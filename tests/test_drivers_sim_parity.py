@@ -1,6 +1,7 @@
 """The simulated backends run the real backends' code: for the same synthetic device input
-(advertisement bytes, serial bytes) the sim backend and the real backend (bleak against a
-mocked BlueZ on a private D-Bus, pyserial on a pty) produce the same events; and no event
+(advertisement bytes, NDEF bytes, serial bytes) the sim backend and the real backend (bleak
+against a mocked BlueZ on a private D-Bus, nfcpy reading an emulated tag over its udp transport,
+pyserial on a pty) produce the same events, identifiers pseudonymized alike; and no event
 type or data key a simulation produces is one the real backends cannot produce (the
 shapes below are written out from the drivers' documented events, independently of the code).
 """
@@ -20,14 +21,18 @@ from drivers.ble.bleak import BleakBackend
 from drivers.ble.config import Ble
 from drivers.ble.sim import BleSim
 from drivers.ble.simstore import RandomStore
+from drivers.nfc import NfcDriver
 from drivers.nfc.config import Nfc
-from drivers.nfc.sim import NfcSim
+from drivers.nfc.sim import DAMAGED_NDEF, NfcSim, loyalty_message, shelf_message
+from drivers.nfc.tap import TagRead
 from drivers.pos.config import PosLink
 from drivers.pos.serial import PosSerial
 from drivers.pos.sim import PosSim
 from edge.clock import FakeClock, SystemClock
 from edge.events import Reading
+from edge.privacy.pseudonym import stable_pseudonym
 from hil.peers.bluez import DbusDaemon, DbusDaemonError, MockBluez
+from hil.peers.nfctag import EmulatedTag, TagImage, free_udp_port, ndef_area
 from hil.peers.pos import PosPeer
 
 # event type -> (data keys always present, data keys that may be present), per real backend
@@ -255,3 +260,75 @@ async def test_the_same_serial_bytes_make_the_same_readings_in_the_sim_and_throu
         return [(r.type, dict(r.data), dict(r.text)) for r in rs]
 
     assert shape(real) == shape(sim)
+
+
+async def test_the_same_ndef_bytes_make_the_same_taps_in_the_sim_and_through_nfcpy() -> None:
+    """NDEF messages as the sim writes them (loyalty cards with the number in a URI, in a
+    Text record and in a MIME record; GS1 shelf tags plain, as a Smart Poster with a lot, and one
+    configured as a store tag; a blank sticker; the sim's damaged tag) on an emulated Type 3 tag
+    read by nfcpy, and fed to the sim backend as its source with the same UIDs: the same taps
+    (kind, rule, records, GTIN, lot, ndef state), and the same identifiers, which pseudonymize to
+    the same values under one tenant key."""
+    rules = [{"name": "gs1", "kind": "product", "gs1_digital_link": True},
+             {"name": "club", "kind": "loyalty", "uri_prefix": "https://club.acme-retail.example/card/"},
+             {"name": "member", "kind": "loyalty", "number_prefix": "40", "number_length": [10, 10]},
+             {"name": "app", "kind": "loyalty", "mime_type": "application/x-club"}]  # fmt: skip
+    port = free_udp_port()
+    cfg = Nfc.model_validate({"backend": "nfcpy", "device": f"udp:127.0.0.1:{port}", "targets": ["212F"],
+                              "poll_interval": 0.05, "debounce": 0.3, "rules": rules,
+                              "store_tags": {"03FE000000000016": "shelf-b2"}, "sim": {"seed": 5}})  # fmt: skip
+    club, member, app = cfg.rules[1:]
+    messages = [
+        loyalty_message("987654321098", club),
+        loyalty_message("4012345678", member),
+        loyalty_message("12345678", app),
+        shelf_message("09506000134352"),
+        shelf_message("09506000134352", lot="L00042", title="Oat Drink 1 L"),
+        shelf_message("04012345000016"),
+        b"",
+        DAMAGED_NDEF,
+    ]
+    uids = [bytes.fromhex(f"03FE0000000000{i:02X}") for i in range(0x11, 0x11 + len(messages))]
+    clock = FakeClock()
+    sim_tags = [TagRead("Type3Tag", uid, m) for uid, m in zip(uids, messages, strict=True)]
+    sim = [r async for r in NfcSim(cfg, clock, sleep=FakeSleep(clock), tags=sim_tags).readings()]
+
+    driver = NfcDriver(cfg, SystemClock())
+    real: list[Reading] = []
+
+    async def pump() -> None:
+        async for r in driver.readings():
+            real.append(r)
+
+    task = asyncio.create_task(pump())
+    tag = EmulatedTag(TagImage(uids[0], ndef_area(messages[0])), port)
+    try:
+        loop = asyncio.get_running_loop()
+        for n, (uid, message) in enumerate(zip(uids, messages, strict=True), 1):
+            await asyncio.to_thread(tag.place, TagImage(uid, ndef_area(message)))
+            deadline = loop.time() + 60
+            while len(real) < n:
+                assert loop.time() < deadline, f"nfcpy did not read tag {n}"
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(tag.lift)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await driver.aclose()
+
+    key = bytes(range(32))
+
+    def taps(rs: list[Reading]) -> list[tuple[str, str, dict[str, Any], dict[str, str | None]]]:
+        return [(r.src, r.type, dict(r.data), {k: stable_pseudonym(v, "t1", key) for k, v in r.ids.items()})
+                for r in rs]  # fmt: skip
+
+    assert taps(real) == taps(sim)
+    assert [(r.data["kind"], r.data.get("rule"), r.data["ndef"]) for r in sim] == [
+        ("loyalty", "club", "ok"), ("loyalty", "member", "ok"), ("loyalty", "app", "ok"), ("product", "gs1", "ok"),
+        ("product", "gs1", "ok"), ("product", "gs1", "ok"), ("unknown", None, "empty"),
+        ("unknown", None, "invalid")]  # fmt: skip
+    assert sim[4].data["batch"] == "L00042"
+    assert sim[5].data["tag"] == "shelf-b2"
+    assert "card" not in sim[5].ids
+    assert {k: v.cls for k, v in sim[0].ids.items()} == {"card": "nfc_uid", "loyalty": "loyalty_id"}
+    assert [p for r in real if (p := conforms(r, NFC_SHAPES))] == []

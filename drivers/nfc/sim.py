@@ -23,6 +23,10 @@ The tags are what a store's reader meets, written as real tags are:
 
 The reader sees one tag at a time; activations are paced at `drivers.nfc.sim.rate` taps
 per second (Poisson) on the injected clock, each resting 0.3-1.5 s on the reader.
+
+`tags`: a source of tags (TagRead) the sim reads in order instead of making them up, as a
+replay or a parity test does (tests/test_drivers_sim_parity.py puts the same NDEF bytes on an
+emulated tag read by nfcpy). The messages are made by `shelf_message` and `loyalty_message`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import asyncio
 import bisect
 import itertools
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import ndef as ndeflib
 
@@ -49,13 +53,14 @@ _P_UNREADABLE = 0.01
 _P_DAMAGED = 0.005
 _P_BOUNCE = 0.03
 _TAGS_SEED = 0x7A65
+DAMAGED_NDEF = b"\xd1\x01\x40U\x04broken"  # a damaged tag: a record claiming 64 payload bytes, holding 7
 # (probability, tag type, NDEF octets, read failed): a bank card (no NDEF), a blank sticker,
 # a tag moved away mid-read, a damaged tag (a record claiming 64 payload bytes, holding 7)
 _ODD_TAGS: tuple[tuple[float, str, bytes | None, bool], ...] = (
     (_P_BANK_CARD, "Type4Tag", None, False),
     (_P_BLANK, "Type2Tag", b"", False),
     (_P_UNREADABLE, "Type2Tag", None, True),
-    (_P_DAMAGED, "Type2Tag", b"\xd1\x01\x40U\x04broken", False),
+    (_P_DAMAGED, "Type2Tag", DAMAGED_NDEF, False),
 )
 
 
@@ -79,6 +84,13 @@ def _fit(number: str, rule: NfcRule | None) -> str:
     digits = prefix + number[len(prefix):] if prefix and not number.startswith(prefix) else number
     length = max(lo, min(hi, len(digits)))
     return (digits + "0" * length)[:length]
+
+
+def shelf_message(gtin: str, lot: str | None = None, title: str | None = None) -> bytes:
+    """The NDEF message of a shelf tag: a GS1 Digital Link URI (with `/10/<lot>`), as a Smart Poster
+    with `title` when one is given."""
+    link = f"https://id.gs1.org/01/{gtin}" + (f"/10/{lot}" if lot else "")
+    return encode(ndeflib.SmartposterRecord(link, title)) if title else encode(ndeflib.UriRecord(link))
 
 
 def loyalty_message(number: str, rule: NfcRule | None) -> bytes:
@@ -112,6 +124,7 @@ class NfcSim:
         inject: Sequence[str] | None = None,
         limit: int | None = None,
         sleep: Sleep = asyncio.sleep,
+        tags: Iterable[TagRead] | None = None,
     ) -> None:
         self._rng = random.Random(cfg.sim.seed)
         self._clock = clock
@@ -135,6 +148,7 @@ class NfcSim:
             number = numbers[k] if k < len(numbers) else c.loyalty
             self._injected.append(self._card(c, uid, number))
         self._injected.reverse()
+        self._source = None if tags is None else iter(tags)
 
     async def open(self) -> None:
         """Nothing to open: the simulated reader is always there."""
@@ -153,7 +167,9 @@ class NfcSim:
             delay = pacer.next_delay()
             if delay is not None:
                 await pacer.sleep(delay)
-            read = self._next_tag()
+            read = self._next_tag() if self._source is None else next(self._source, None)
+            if read is None:
+                return  # the source ran out
             at, ts = clock.monotonic(), clock.wall_ms()
             if lifted is not None:  # one reader: the previous tag is gone by now
                 session.left(lifted[0], min(lifted[1], at))
@@ -179,14 +195,9 @@ class NfcSim:
         rng = random.Random(_TAGS_SEED + 1)
         out = []
         for i, p in enumerate(products):
-            link = f"https://id.gs1.org/01/{p.code}"
-            if rng.random() < 0.2:
-                link += f"/10/L{rng.randrange(10**5):05d}"
-            if rng.random() < 0.2:
-                octets = encode(ndeflib.SmartposterRecord(link, p.name.title()))
-            else:
-                octets = encode(ndeflib.UriRecord(link))
-            out.append(TagRead("Type2Tag", bytes.fromhex(uids[i]), octets))
+            lot = f"L{rng.randrange(10**5):05d}" if rng.random() < 0.2 else None
+            title = p.name.title() if rng.random() < 0.2 else None
+            out.append(TagRead("Type2Tag", bytes.fromhex(uids[i]), shelf_message(p.code, lot, title)))
         return out
 
     def _card(self, c: Customer, uid: str, number: str) -> TagRead:
