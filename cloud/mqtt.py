@@ -16,15 +16,10 @@ device got no ack and resends it later. A group takes at most `max_group` messag
 
 Message size. Over MQTT 5 the client announces a Maximum Packet Size (`max_payload` plus topic
 and header room), so a conforming broker never delivers a larger message. MQTT 3.1.1 has no
-such field, so the client caps what it reads itself, as the edge does (edge/uplink/inbound.py
-`cap_inbound`): once paho has decoded a packet's remaining length, a packet above the cap ends
-the connection before its body is read (counted as `oversized`, logged), and the receiver
-reconnects with its usual backoff. Its session is clean, so the broker forgets the oversized
-message (and whatever else it held for us: those devices get no ack and resend). The operator
-should still set the broker's own limit (Mosquitto `max_packet_size`, or the older
-`message_size_limit`; NATS `max_payload`) to about `max_payload` (docs/security.md, "The
-receiver"), so such a message costs nobody a reconnect; the core refuses an oversized payload
-unread either way.
+such field: the operator MUST set the broker's own limit (Mosquitto `max_packet_size`, or the
+older `message_size_limit`; NATS `max_payload`) to about `max_payload` (docs/security.md, "The receiver"),
+or one message can be as large as the broker allows; the core refuses an oversized payload
+unread either way, but by then the client has read it into memory.
 """
 
 from __future__ import annotations
@@ -44,7 +39,6 @@ from cloud.config import ReceiverConfig
 from cloud.transport import Handler, Inbound
 from edge.aio import wait_event
 from edge.uplink.connect import NO_DELAY
-from edge.uplink.inbound import cap_inbound
 from edge.wire.uplink import batch_filter
 
 log = structlog.get_logger()
@@ -67,7 +61,6 @@ def payload_size(m: aiomqtt.Message) -> int:
 class InboxStats:
     dropped: int = 0  # messages dropped because the queue was full (count or bytes)
     dropped_bytes: int = 0
-    oversized: int = 0  # packets above max_payload + slack: connection dropped before reading them (3.1.1)
 
 
 def inbox_type(max_bytes: int, stats: InboxStats) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -133,26 +126,12 @@ class MqttTransport:
         if cfg.protocol == "5":
             proto = aiomqtt.ProtocolVersion.V5
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho has no annotation here
-            props.MaximumPacketSize = self.max_packet
-        client = aiomqtt.Client(
+            props.MaximumPacketSize = cfg.limits.max_payload + PACKET_SLACK
+        return aiomqtt.Client(
             cfg.host, cfg.port, identifier=cfg.client_id, protocol=proto, tls_params=tls, logger=CLIENT_LOG,
             keepalive=cfg.keepalive, socket_options=NO_DELAY, properties=props,
             max_queued_incoming_messages=cfg.max_queued, queue_type=inbox_type(cfg.max_queued_bytes, self.inbox),
         )  # fmt: skip
-        if proto == aiomqtt.ProtocolVersion.V311:  # MQTT 5 announces the cap in CONNECT
-            cap_inbound(client, self.max_packet, self._refused)
-        return client
-
-    @property
-    def max_packet(self) -> int:
-        """The largest inbound packet read: a batch payload of `max_payload` plus topic and header room."""
-        return self._cfg.limits.max_payload + PACKET_SLACK
-
-    def _refused(self, size: int) -> None:
-        self.inbox.oversized += 1
-        log.warning("receiver_packet_refused", size=size, max_bytes=self.max_packet, oversized=self.inbox.oversized,
-                    action="connection dropped before reading it; reconnecting",
-                    hint="set the broker's max_packet_size (docs/security.md)")  # fmt: skip
 
     async def run(self, stop: asyncio.Event, handler: Handler) -> None:
         cfg = self._cfg
@@ -176,9 +155,9 @@ class MqttTransport:
                     delay = min(delay * 2, 30.0)
         finally:
             self._ready.clear()
-            if self.inbox.dropped or self.inbox.oversized:
+            if self.inbox.dropped:
                 log.warning("receiver_dropped_total", dropped=self.inbox.dropped,
-                            dropped_bytes=self.inbox.dropped_bytes, oversized=self.inbox.oversized)  # fmt: skip
+                            dropped_bytes=self.inbox.dropped_bytes)  # fmt: skip
 
     async def _pump(self, client: aiomqtt.Client, stop: asyncio.Event, handler: Handler) -> None:
         messages = client.messages
