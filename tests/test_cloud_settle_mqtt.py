@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 from support.mosquitto import Mosquitto
-from test_cloud_mqtt import until_log
 from test_receiver import WAIT, Device, Publisher, cloud_key_file, publisher
+
+
+async def until_log(path: Path, word: str) -> None:
+    while word not in path.read_text():  # noqa: ASYNC110, ASYNC240 - polling a small log file of a subprocess
+        await asyncio.sleep(0.05)
 
 pytestmark = pytest.mark.mosquitto
 
