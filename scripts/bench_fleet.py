@@ -1,0 +1,570 @@
+"""Fleet ingest benchmark (issue 15): NATS JetStream (3 nodes) + PostgreSQL, figures side by side.
+
+    .venv/bin/python scripts/bench_fleet.py [--quick] [--parts a,b,c] [--workers 2] [--scale 1,2,4]
+
+One run starts its own local cloud (`cloud.cluster.local.up`: 3 NATS nodes with JetStream R3 and
+MQTT, one PostgreSQL with the shipped schema, one MQTT user per store) in a temporary folder,
+runs real `edge-cloud ingest` worker subprocesses with the shipped defaults (config/cloud.yaml:
+max_group 64, fetch_wait 1 s, ...), and measures:
+
+(a) drain: `--devices` devices (one per store, keys registered with `add_device`) have sealed
+    `--events` events each in real uplink-v1 batches of `--batch` events (edge/wire/uplink.py,
+    their own Ed25519 key, chained seq 1..k); the batches are published straight into
+    EDGE_BATCHES (JetStream publish on the batch subject, every one acknowledged by the stream)
+    with no worker running. Then N workers start against a fresh database; the clock runs from
+    the first delivery (consumer info, polled every 50 ms) to the stream being empty (a batch
+    leaves the work queue only when acked, after its COMMIT). Checked afterwards by SQL: every
+    event once, every chain linked 1..k, nothing rejected; and every batch got a signed ok ack
+    (the bench listens on the ack subjects and verifies each with the cloud key). For N = each of
+    `--scale`; the default worker count (`--workers`, one per core as docs/cloud.md advises) is
+    judged against the baseline.
+    Baseline, same run, same server: the same rows (events and batches, as the worker writes
+    them) with psycopg `cursor.copy()` into the same schema in a fresh database, one
+    transaction, timed from BEGIN to COMMIT; measured before and after the drains, the faster
+    one is the reference. Target: drain with the default workers >= 0.5 x COPY.
+(b) reconnect storm (needs cloud.fleetsim with registry and MQTT credentials)
+(c) steady rate, p99 latency and peak RSS per worker
+
+Peak RSS per worker: VmHWM of each worker process (/proc/PID/status) just before it is stopped.
+`--quick` runs a small fleet (50 devices x 200 events) in well under two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import nats  # noqa: E402 - after the path insert
+import psycopg  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from nats.aio.client import Client as NATS  # noqa: E402
+from nats.aio.msg import Msg  # noqa: E402
+
+from cloud.cluster.jetstream import BATCH_CONSUMER, BATCH_STREAM  # noqa: E402
+from cloud.cluster.local import ADMIN, WORKER, LocalCloud, up  # noqa: E402
+from cloud.cluster.natsconf import subject_prefix  # noqa: E402
+from cloud.cluster.procs import free_port  # noqa: E402
+from cloud.db.migrate import migrate  # noqa: E402
+from cloud.db.pg_store import capture_time  # noqa: E402
+from cloud.db.registry import add_device  # noqa: E402
+from cloud.jsonlines import json_line_encoder  # noqa: E402
+from cloud.keys import create_cloud_key  # noqa: E402
+from edge.wire.uplink import encode_event, kid_of, parse_ack, public_raw, seal_batch, verify_ack  # noqa: E402
+
+EDGE_CLOUD = str(Path(sys.executable).parent / "edge-cloud")
+PREFIX = "edge/v1"
+TENANT = "bench"
+TARGET_COPY_RATIO = 0.5
+TARGET_STORM_S = 60.0
+POLL_S = 0.05
+
+
+def ids(i: int) -> tuple[str, str, str]:
+    """(tenant, store, device) of device number `i` (from 1): one device per store."""
+    return TENANT, f"store-{i:04d}", f"edge-{i:04d}"
+
+
+# ------------------------------------------------------------------------------ the cloud
+
+
+@dataclass
+class Worker:
+    """One `edge-cloud ingest` subprocess."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def metric(self, name: str) -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    def peak_rss_kib(self) -> int:
+        """VmHWM of the worker process (0 once it is gone)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+
+@dataclass
+class Bench:
+    """The local cloud of one run and the workers started on it."""
+
+    dir: Path
+    cloud: LocalCloud
+    cloud_key: Ed25519PrivateKey
+    workers: list[Worker] = field(default_factory=list)
+
+    @property
+    def pg_admin_dsn(self) -> str:
+        return self.cloud.postgres().admin_dsn()
+
+    def fresh_db(self, name: str) -> str:
+        """DSN (with password) of a new database `name` with the schema migrated."""
+        with psycopg.connect(self.pg_admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"'.encode())
+            conn.execute(f'CREATE DATABASE "{name}"'.encode())
+        dsn = self.cloud.postgres().dsn.rsplit("/", 1)[0] + "/" + name
+        migrate(dsn)
+        return dsn
+
+    def worker_config(self, name: str, db: str) -> tuple[Path, int]:
+        base = self.dir / "workers" / name
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "nats.pw").write_text(self.cloud.state.passwords[WORKER] + "\n")
+        pg = self.cloud.postgres()
+        (base / "pg.pw").write_text(pg.password + "\n")
+        port = free_port()
+        servers = "".join(f"\n    - nats://{n.host}:{n.client_port}" for n in self.cloud.node_specs)
+        text = (f"nats:\n  servers:{servers}\n  user: {WORKER}\n  password_file: nats.pw\n"
+                f"postgres:\n  dsn: postgresql://{pg.role}@{pg.host}:{pg.port}/{db}\n  password_file: pg.pw\n"
+                f"cloud_key: {self.dir / 'cloud.key'}\n"
+                f"metrics:\n  listen: 127.0.0.1:{port}\n"
+                "logging:\n  level: warning\n  format: json\n")  # fmt: skip
+        (base / "cloud.yaml").write_text(text)
+        return base / "cloud.yaml", port
+
+    def start_worker(self, name: str, db: str) -> Worker:
+        conf, port = self.worker_config(name, db)
+        log = conf.parent / "worker.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen([EDGE_CLOUD, "ingest", "--config", str(conf)], stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+        w = Worker(name, proc, port, log)
+        self.workers.append(w)
+        return w
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            try:
+                w.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(10)
+        self.workers.clear()
+
+    async def nats(self) -> NATS:
+        return await nats.connect(servers=[n.client_url for n in self.cloud.node_specs], user=ADMIN,
+                                  password=self.cloud.state.passwords[ADMIN], connect_timeout=5,
+                                  max_reconnect_attempts=-1, reconnect_time_wait=0.5)  # fmt: skip
+
+
+@contextlib.contextmanager
+def local_cloud(devices: int) -> Iterator[Bench]:
+    base = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir="/tmp"))
+    base.chmod(0o755)  # PostgreSQL's own user (when run as root) must reach its folder
+    cloud = None
+    try:
+        stores = [f"{t}/{s}" for t, s, _ in (ids(i) for i in range(1, devices + 1))]
+        cloud = up(base / "cloud", stores=stores)
+        key, _ = create_cloud_key(base / "cloud.key")
+        bench = Bench(base, cloud, key)
+        try:
+            yield bench
+        finally:
+            bench.stop_workers()
+    finally:
+        if cloud is not None:
+            with contextlib.suppress(Exception):
+                cloud.nats().stop()
+            with contextlib.suppress(Exception):
+                cloud.postgres().stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ (a) drain
+
+
+@dataclass(slots=True)
+class SealedFleet:
+    """Every batch of every device, sealed once; the rows the worker will write, for the baseline."""
+
+    keys: list[bytes]  # raw public key per device (index i-1)
+    batches: list[tuple[str, bytes]]  # (subject, payload) in publish order
+    event_rows: list[tuple[Any, ...]]
+    batch_rows: list[tuple[Any, ...]]
+    per_device: int  # batches per device
+
+    @property
+    def events(self) -> int:
+        return len(self.event_rows)
+
+
+def seal_fleet(devices: int, events: int, batch: int) -> SealedFleet:
+    encode = json_line_encoder()
+    p = subject_prefix(PREFIX)
+    base_ms = int(time.time() * 1000) - 3_600_000
+    keys: list[bytes] = []
+    per_device: list[list[tuple[str, bytes]]] = []
+    event_rows: list[tuple[Any, ...]] = []
+    batch_rows: list[tuple[Any, ...]] = []
+    now = dt.datetime.now(dt.UTC)
+    for i in range(1, devices + 1):
+        tenant, store, device = ids(i)
+        key = Ed25519PrivateKey.generate()
+        raw = public_raw(key.public_key())
+        kid = kid_of(raw)
+        keys.append(raw)
+        prev, out = bytes(32), []
+        for seq, first in enumerate(range(1, events + 1, batch), start=1):
+            last = min(events, first + batch - 1)
+            evs = [{"id": n, "ts": base_ms + n, "src": "edge", "type": "edge.sim", "data": {"i": n}}
+                   for n in range(first, last + 1)]
+            t_ms = base_ms + last
+            payload, hh = seal_batch(tenant=tenant, store=store, device=device, seq=seq, prev=prev,
+                                     event_bodies=[encode_event(e) for e in evs], first=first, last=last,
+                                     t_ms=t_ms, sync=True, key=key, kid=kid)  # fmt: skip
+            out.append((f"{p}.{tenant}.{store}.{device}.batch", payload))
+            batch_rows.append((tenant, store, device, 1, seq, hh, prev, kid, True, len(evs), first, last, t_ms,
+                               True, now))  # fmt: skip
+            event_rows.extend((tenant, store, device, 1, seq, n, capture_time(base_ms + n), base_ms + n, "edge",
+                               "edge.sim", encode({"i": n})) for n in range(first, last + 1))  # fmt: skip
+            prev = hh
+        per_device.append(out)
+    # interleave devices (seq 1 of everyone, then seq 2, ...) as a fleet's backlog arrives
+    batches = [b for group in zip(*per_device, strict=True) for b in group]
+    return SealedFleet(keys, batches, event_rows, batch_rows, len(per_device[0]))
+
+
+def register_keys(dsn: str, keys: Sequence[bytes]) -> None:
+    with psycopg.connect(dsn) as conn:
+        for i, raw in enumerate(keys, start=1):
+            t, s, d = ids(i)
+            add_device(conn, tenant=t, store=s, device=d, public_key=raw)
+
+
+def copy_baseline(bench: Bench, fleet: SealedFleet, name: str) -> float:
+    """Seconds for BEGIN; COPY batches; COPY events; COMMIT of the same rows into a fresh database."""
+    dsn = bench.fresh_db(name)
+    with psycopg.connect(dsn) as conn:
+        for day in sorted({r[6].date() for r in fleet.event_rows}):  # the worker makes it once, too
+            conn.execute("SELECT edge_event_partition(%s)", (day,))
+        conn.commit()
+        t0 = time.perf_counter()
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy("COPY batches (tenant, store, device, epoch, seq, hh, prev, kid, linked, n, first_id,"
+                          " last_id, sealed_ms, synced, received_at) FROM STDIN") as copy:  # fmt: skip
+                for row in fleet.batch_rows:
+                    copy.write_row(row)
+            with cur.copy("COPY events (tenant, store, device, epoch, seq, id, ts, ts_ms, src, type, data)"
+                          " FROM STDIN") as copy:  # fmt: skip
+                for row in fleet.event_rows:
+                    copy.write_row(row)
+        seconds = time.perf_counter() - t0
+        n = conn.execute("SELECT count(*) FROM events").fetchone()
+        if n is None or n[0] != fleet.events:
+            raise RuntimeError(f"COPY baseline stored {n} events, not {fleet.events}")
+    return seconds
+
+
+async def prefill(bench: Bench, fleet: SealedFleet) -> float:
+    """Publish every batch into EDGE_BATCHES (each acknowledged by the stream); returns seconds."""
+    nc = await bench.nats()
+    js = nc.jetstream()
+    gate = asyncio.Semaphore(64)
+    t0 = time.perf_counter()
+
+    async def one(subject: str, payload: bytes) -> None:
+        async with gate:
+            for attempt in range(20):
+                try:
+                    await js.publish(subject, payload, timeout=10)
+                except (nats.errors.TimeoutError, nats.js.errors.APIError):
+                    if attempt == 19:
+                        raise
+                    await asyncio.sleep(0.2)
+                else:
+                    return
+
+    try:
+        await asyncio.gather(*(one(s, p) for s, p in fleet.batches))
+        info = await js.stream_info(BATCH_STREAM)
+        if info.state.messages != len(fleet.batches):
+            raise RuntimeError(f"EDGE_BATCHES holds {info.state.messages} batches, not {len(fleet.batches)}")
+    finally:
+        await nc.close()
+    return time.perf_counter() - t0
+
+
+class AckListener:
+    """Every ack the workers publish (subject `edge.v1.*.*.*.ack`), with its arrival time."""
+
+    def __init__(self) -> None:
+        self.acks: dict[tuple[str, str, str, int], float] = {}  # first ok ack per (ids, seq): wall ms
+        self.raw: list[tuple[str, bytes]] = []
+        self.not_ok = 0
+
+    async def on_msg(self, msg: Msg) -> None:
+        self.raw.append((msg.subject, msg.data))
+        parts = msg.subject.split(".")
+        t, s, d = parts[-4], parts[-3], parts[-2]
+        try:
+            ack = parse_ack(msg.data)
+        except ValueError:
+            self.not_ok += 1
+            return
+        if not ack.ok:
+            self.not_ok += 1
+            return
+        self.acks.setdefault((t, s, d, ack.seq), time.time() * 1000)
+
+    def verified(self, cloud_key: Ed25519PrivateKey) -> int:
+        """How many distinct batches got an ok ack whose signature checks out."""
+        pub = cloud_key.public_key()
+        good: set[tuple[str, str, str, int]] = set()
+        for subject, data in self.raw:
+            parts = subject.split(".")
+            t, s, d = parts[-4], parts[-3], parts[-2]
+            ack = parse_ack(data)
+            if ack.ok and verify_ack(ack, tenant=t, store=s, device=d, cloud_key=pub):
+                good.add((t, s, d, ack.seq))
+        return len(good)
+
+
+@dataclass(slots=True)
+class Check:
+    events: int
+    distinct: int
+    batches: int
+    bad_chains: int  # devices whose batches are not exactly linked seq 1..k, or whose chain row disagrees
+    bad_ids: int  # devices whose event ids are not contiguous
+    rejected: int
+
+    def lost(self, want: int) -> int:
+        return want - self.distinct
+
+    @property
+    def duplicates(self) -> int:
+        return self.events - self.distinct
+
+    def ok(self, want_events: int, want_batches: int) -> bool:
+        return (self.events == self.distinct == want_events and self.batches == want_batches
+                and not self.bad_chains and not self.bad_ids and not self.rejected)  # fmt: skip
+
+    def text(self, want: int) -> str:
+        return (f"{self.events} events ({self.lost(want)} lost, {self.duplicates} duplicates), {self.batches} batches,"
+                f" {self.bad_chains} broken chains, {self.bad_ids} id gaps, {self.rejected} rejected")
+
+
+def check_db(dsn: str, devices: int) -> Check:
+    """What is in PostgreSQL, checked by SQL on the batches, chains and events tables."""
+    with psycopg.connect(dsn) as conn:
+
+        def one(sql: str) -> int:
+            row = conn.execute(sql.encode()).fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+
+        events = one("SELECT count(*) FROM events")
+        distinct = one("SELECT count(*) FROM (SELECT DISTINCT tenant, store, device, epoch, id FROM events) x")
+        batches = one("SELECT count(*) FROM batches")
+        bad_chains = one(
+            "SELECT count(*) FROM (SELECT b.tenant, b.store, b.device, count(*) AS n, min(b.seq) AS lo,"
+            " max(b.seq) AS hi, bool_and(b.linked AND NOT b.detached) AS linked, max(c.highest) AS highest,"
+            " sum(b.n) AS evn, count(DISTINCT b.epoch) AS epochs"
+            " FROM batches b LEFT JOIN chains c USING (tenant, store, device) GROUP BY 1, 2, 3) x"
+            " WHERE n <> hi OR lo <> 1 OR NOT linked OR highest IS DISTINCT FROM hi OR epochs <> 1")
+        bad_chains += devices - one("SELECT count(DISTINCT (tenant, store, device)) FROM batches")
+        bad_ids = one(
+            "SELECT count(*) FROM (SELECT tenant, store, device, count(DISTINCT id) AS n, min(id) AS lo, max(id) AS hi"
+            " FROM events GROUP BY 1, 2, 3) x WHERE lo <> 1 OR hi - lo + 1 <> n")
+        rejected = one("SELECT count(*) FROM rejected_batches")
+    return Check(events, distinct, batches, bad_chains, bad_ids, rejected)
+
+
+async def consumer_state(nc: NATS) -> tuple[int, int, int]:
+    """(not yet delivered, delivered not acked, messages in the stream)."""
+    js = nc.jetstream()
+    info = await js.consumer_info(BATCH_STREAM, BATCH_CONSUMER)
+    stream = await js.stream_info(BATCH_STREAM)
+    return int(info.num_pending or 0), int(info.num_ack_pending or 0), int(stream.state.messages)
+
+
+@dataclass(slots=True)
+class DrainResult:
+    workers: int
+    seconds: float  # first delivery -> stream empty
+    from_spawn: float  # worker processes spawned -> stream empty
+    events: int
+    acks_verified: int
+    check: Check
+    peak_rss_kib: list[int]
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+async def drain(bench: Bench, fleet: SealedFleet, n_workers: int, devices: int, within: float) -> DrainResult:
+    dsn = bench.fresh_db(f"drain_{n_workers}")
+    register_keys(dsn, fleet.keys)
+    await prefill(bench, fleet)
+    nc = await bench.nats()
+    listener = AckListener()
+    await nc.subscribe(f"{subject_prefix(PREFIX)}.*.*.*.ack", cb=listener.on_msg)
+    total = len(fleet.batches)
+    try:
+        spawned = time.perf_counter()
+        workers = [bench.start_worker(f"drain{n_workers}-{k}", dsn.rsplit("/", 1)[1]) for k in range(n_workers)]
+        started: float | None = None
+        while True:
+            undelivered, in_flight, left = await consumer_state(nc)
+            now = time.perf_counter()
+            if started is None and (undelivered < total or in_flight):
+                started = now
+            if started is not None and left == 0 and in_flight == 0:
+                break
+            if now - spawned > within:
+                raise RuntimeError(f"drain with {n_workers} workers not done in {within:.0f} s: {left} batches left")
+            for w in workers:
+                if w.proc.poll() is not None:
+                    raise RuntimeError(f"worker {w.name} exited {w.proc.returncode}: {w.log.read_text()[-2000:]}")
+            await asyncio.sleep(POLL_S)
+        done = time.perf_counter()
+        rss = [w.peak_rss_kib() for w in workers]
+        await asyncio.sleep(0.3)  # the last device acks are flushed before the JetStream acks; let them land
+        await nc.flush()
+    finally:
+        await nc.close()
+        bench.stop_workers()
+    check = check_db(dsn, devices)
+    return DrainResult(n_workers, done - started, done - spawned, fleet.events, listener.verified(bench.cloud_key),
+                       check, rss)  # fmt: skip
+
+
+async def part_a(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    fleet = seal_fleet(args.devices, args.events, args.batch)
+    print(f"(a) sealed {len(fleet.batches)} batches, {fleet.events} events of {args.devices} devices in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
+    copies = [copy_baseline(bench, fleet, "copy_before")]
+    print(f"    COPY baseline: {fleet.events / copies[0]:,.0f} events/s ({copies[0]:.2f} s)", flush=True)
+    counts = sorted({*args.scale, args.workers})
+    drains: dict[int, DrainResult] = {}
+    for n in counts:
+        r = await drain(bench, fleet, n, args.devices, within=args.timeout)
+        drains[n] = r
+        print(f"    drain, {n} worker(s): {r.rate:,.0f} events/s ({r.seconds:.2f} s; {r.from_spawn:.2f} s from spawn);"
+              f" {r.check.text(fleet.events)}; {r.acks_verified}/{len(fleet.batches)} signed ok acks;"
+              f" peak RSS {', '.join(f'{k / 1024:.0f}' for k in r.peak_rss_kib)} MiB", flush=True)  # fmt: skip
+    copies.append(copy_baseline(bench, fleet, "copy_after"))
+    print(f"    COPY baseline again: {fleet.events / copies[1]:,.0f} events/s ({copies[1]:.2f} s)", flush=True)
+    copy_rate = fleet.events / min(copies)
+    default = drains[args.workers]
+    ratio = default.rate / copy_rate
+    all_ok = all(r.check.ok(fleet.events, len(fleet.batches)) and r.acks_verified == len(fleet.batches)
+                 for r in drains.values())  # fmt: skip
+    return {
+        "events": fleet.events, "batches": len(fleet.batches), "devices": args.devices,
+        "copy_events_per_s": [round(fleet.events / c) for c in copies],
+        "drain": {n: {"events_per_s": round(r.rate), "seconds": round(r.seconds, 2),
+                      "from_spawn_s": round(r.from_spawn, 2),
+                      "peak_rss_mib": [round(k / 1024, 1) for k in r.peak_rss_kib],
+                      "check": r.check.text(fleet.events), "acks_verified": r.acks_verified}
+                  for n, r in drains.items()},
+        "default_workers": args.workers, "ratio_to_copy": round(ratio, 3),
+        "target_met": ratio >= TARGET_COPY_RATIO and all_ok, "verified": all_ok,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def print_table_a(a: dict[str, Any]) -> None:
+    copy = max(a["copy_events_per_s"])
+    print()
+    print(f"(a) drain of a pre-filled stream: {a['events']:,} events in {a['batches']:,} batches of "
+          f"{a['events'] // a['batches']:,}, {a['devices']} devices")  # fmt: skip
+    print(f"    {'path':<38} {'events/s':>10} {'x COPY':>7} {'seconds':>8}  peak RSS per worker")
+    print(f"    {'PostgreSQL COPY, same rows (baseline)':<38} {copy:>10,} {1.0:>7.2f} "
+          f"{a['events'] / copy:>8.2f}  (runs: {', '.join(f'{c:,}' for c in a['copy_events_per_s'])} events/s)")
+    for n, d in sorted(a["drain"].items()):
+        tag = " (default)" if n == a["default_workers"] else ""
+        rss = ", ".join(f"{m:.0f}" for m in d["peak_rss_mib"])
+        print(f"    {f'JetStream -> {n} worker(s){tag}':<38} {d['events_per_s']:>10,} {d['events_per_s'] / copy:>7.2f} "
+              f"{d['seconds']:>8.2f}  {rss} MiB")  # fmt: skip
+    verdict = "met" if a["target_met"] else "NOT met"
+    print(f"    target: default workers >= {TARGET_COPY_RATIO} x COPY: {a['ratio_to_copy']:.2f} x, "
+          f"{'all verified' if a['verified'] else 'VERIFICATION FAILED'}: {verdict}")  # fmt: skip
+
+
+async def run(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if "a" in args.parts:
+        results["a"] = await part_a(bench, args)
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small fleet (50 devices x 200 events, batches of 100)")
+    ap.add_argument("--parts", default="a,b,c", help="which figures: comma-separated of a, b, c")
+    ap.add_argument("--devices", type=int, default=None, help="devices (one per store); default 500")
+    ap.add_argument("--events", type=int, default=None, help="events per device; default 2,000")
+    ap.add_argument("--batch", type=int, default=None, help="events per batch in (a); default 1,000")
+    ap.add_argument("--workers", type=int, default=2, help="the default worker count (one per core)")
+    ap.add_argument("--scale", default=None, help="worker counts for (a); default 1,2,4")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds any one phase may take")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    args.devices = args.devices or (50 if quick else 500)
+    args.events = args.events or (200 if quick else 2000)
+    args.batch = args.batch or (100 if quick else 1000)
+    args.scale = [int(x) for x in (args.scale or ("1,2" if quick else "1,2,4")).split(",")]
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts <= {"a", "b", "c"}:
+        ap.error("--parts takes a, b and c")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    with local_cloud(args.devices) as bench:
+        print(f"local cloud up in {time.perf_counter() - t0:.1f} s ({bench.dir})", flush=True)
+        results = asyncio.run(run(bench, args))
+    if "a" in results:
+        print_table_a(results["a"])
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        print(json.dumps(results, default=str))
+    ok = all(r.get("verified", True) for r in results.values() if isinstance(r, dict))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    sys.exit(main())
