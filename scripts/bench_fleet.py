@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,18 @@ from nats.aio.client import Client as NATS  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
 from cloud.cluster.jetstream import BATCH_CONSUMER, BATCH_STREAM  # noqa: E402
-from cloud.cluster.local import ADMIN, WORKER, LocalCloud, up  # noqa: E402
-from cloud.cluster.natsconf import subject_prefix  # noqa: E402
+from cloud.cluster.local import ADMIN, WORKER, LocalCloud, down, up  # noqa: E402
+from cloud.cluster.natsconf import store_user_name, subject_prefix  # noqa: E402
 from cloud.cluster.procs import free_port  # noqa: E402
 from cloud.db.migrate import migrate  # noqa: E402
 from cloud.db.pg_store import capture_time  # noqa: E402
 from cloud.db.registry import add_device  # noqa: E402
+from cloud.fleetsim import Fleet, FleetSpec, SimDevice, device_config  # noqa: E402
 from cloud.jsonlines import json_line_encoder  # noqa: E402
 from cloud.keys import create_cloud_key  # noqa: E402
+from edge.clock import SystemClock  # noqa: E402
+from edge.config import MqttAuth  # noqa: E402
+from edge.logs import configure_logging  # noqa: E402
 from edge.wire.uplink import encode_event, kid_of, parse_ack, public_raw, seal_batch, verify_ack  # noqa: E402
 
 EDGE_CLOUD = str(Path(sys.executable).parent / "edge-cloud")
@@ -183,13 +187,18 @@ class Bench:
 
 
 @contextlib.contextmanager
-def local_cloud(devices: int) -> Iterator[Bench]:
+def local_cloud(devices: int, keep: bool = False) -> Iterator[Bench]:
     base = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir="/tmp"))
     base.chmod(0o755)  # PostgreSQL's own user (when run as root) must reach its folder
     cloud = None
     try:
         stores = [f"{t}/{s}" for t, s, _ in (ids(i) for i in range(1, devices + 1))]
-        cloud = up(base / "cloud", stores=stores)
+        try:
+            cloud = up(base / "cloud", stores=stores)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                down(base / "cloud")  # whatever came up before the failure
+            raise
         key, _ = create_cloud_key(base / "cloud.key")
         bench = Bench(base, cloud, key)
         try:
@@ -202,7 +211,8 @@ def local_cloud(devices: int) -> Iterator[Bench]:
                 cloud.nats().stop()
             with contextlib.suppress(Exception):
                 cloud.postgres().stop()
-        shutil.rmtree(base, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ (a) drain
@@ -370,8 +380,8 @@ class Check:
     def duplicates(self) -> int:
         return self.events - self.distinct
 
-    def ok(self, want_events: int, want_batches: int) -> bool:
-        return (self.events == self.distinct == want_events and self.batches == want_batches
+    def ok(self, want_events: int, want_batches: int | None) -> bool:
+        return (self.events == self.distinct == want_events and want_batches in (None, self.batches)
                 and not self.bad_chains and not self.bad_ids and not self.rejected)  # fmt: skip
 
     def text(self, want: int) -> str:
@@ -499,6 +509,262 @@ async def part_a(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ (b), (c): simulated devices
+
+
+def fleet_spec(bench: Bench, name: str, args: argparse.Namespace, *, events: int, rate: float | None,
+               offline_first: bool) -> FleetSpec:  # fmt: skip
+    pub = public_raw(bench.cloud_key.public_key()).hex()
+    node = bench.cloud.node_specs[0]
+    return FleetSpec(devices=args.devices, events=events, broker=node.mqtt_url, state=bench.dir / name / "state",
+                     keys_dir=bench.dir / name / "keys", cloud_public_key=pub, tenant=TENANT, rate=rate,
+                     offline_first=offline_first, timeout=args.timeout)  # fmt: skip
+
+
+async def open_fleet(bench: Bench, spec: FleetSpec, dsn: str, on_progress: Callable[[Fleet], None]) -> Fleet:
+    """A fleet whose devices log in with their store's MQTT credentials (spread over the three nodes,
+    protocol 3.1.1 as against NATS) and whose keys are registered in PostgreSQL."""
+    fleet = Fleet(spec, on_progress=on_progress)
+    nodes = bench.cloud.node_specs
+    secrets_dir = bench.dir / "mqtt-passwords"
+    secrets_dir.mkdir(exist_ok=True)
+    clock = SystemClock()
+    gate = asyncio.Semaphore(16)
+
+    async def one(i: int) -> SimDevice:
+        t, s, _ = spec.ids(i)
+        user = store_user_name(t, s)
+        pw = secrets_dir / f"{user}.pw"
+        pw.write_text(bench.cloud.state.passwords[user] + "\n")
+        pw.chmod(0o600)
+        cfg = device_config(spec, i)
+        auth = MqttAuth(username=user, password_file=pw)
+        uplink = cfg.uplink.model_copy(update={"auth": auth, "protocol": "3.1.1",
+                                               "broker": nodes[(i - 1) % len(nodes)].mqtt_url})  # fmt: skip
+        async with gate:
+            return await SimDevice.open(cfg.model_copy(update={"uplink": uplink}), clock, spec.keys_dir)
+
+    fleet.devices = list(await asyncio.gather(*(one(i) for i in range(1, spec.devices + 1))))
+    with psycopg.connect(dsn) as conn:
+        for dev in fleet.devices:
+            ident = dev.cfg.identity
+            add_device(conn, tenant=ident.tenant, store=ident.store, device=ident.device,
+                       public_key=dev.rt.keys.public_key())  # fmt: skip
+    return fleet
+
+
+async def start_workers(bench: Bench, n: int, db: str, tag: str) -> list[Worker]:
+    workers = [bench.start_worker(f"{tag}-{k}", db) for k in range(n)]
+    deadline = time.monotonic() + 60
+    while not all(w.metric("edge_cloud_ingest_ready") == 1 for w in workers):
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise RuntimeError(f"worker {w.name} exited {w.proc.returncode}: {w.log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("workers not ready within 60 s")
+        await asyncio.sleep(0.2)
+    return workers
+
+
+async def settle(bench: Bench, within: float = 60.0) -> int:
+    """Wait until EDGE_BATCHES is empty (late resends of acked batches are drained by this phase's
+    workers, not the next phase's); returns what is left after `within`."""
+    nc = await bench.nats()
+    deadline = time.monotonic() + within
+    try:
+        while True:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                undelivered, in_flight, left = await consumer_state(nc)
+                if not (undelivered or in_flight or left) or time.monotonic() > deadline:
+                    return left
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+async def stream_leader(bench: Bench) -> str:
+    nc = await bench.nats()
+    try:
+        info = await nc.jetstream().stream_info(BATCH_STREAM)
+    finally:
+        await nc.close()
+    return str(info.cluster.leader if info.cluster else "")
+
+
+@dataclass(slots=True)
+class Storm:
+    kill: bool
+    events: int
+    seconds: float  # uplinks start -> every event acked (after its COMMIT)
+    buffering_s: float
+    complete: bool
+    check: Check
+    resent: int
+    connects: int
+    killed: str
+    peak_rss_kib: list[int]
+
+
+async def storm(bench: Bench, args: argparse.Namespace, *, kill: bool) -> Storm:
+    """(b): every device buffers its events offline, then all connect at once."""
+    name = "storm_kill" if kill else "storm"
+    dsn = bench.fresh_db(name)
+    spec = fleet_spec(bench, name, args, events=args.events, rate=None, offline_first=True)
+    total = args.devices * args.events
+    marks: dict[str, float] = {}
+    killed = ""
+
+    def progress(f: Fleet) -> None:
+        now = time.perf_counter()
+        marks.setdefault("uplinks", now)
+        if f.acked() >= total:
+            marks.setdefault("acked", now)
+
+    fleet = await open_fleet(bench, spec, dsn, progress)  # keys registered before any worker starts
+    workers = await start_workers(bench, args.workers, name, name)
+
+    async def buffered() -> None:  # storm start: every generator done, the uplinks start right after
+        def busy() -> bool:
+            return not fleet.devices or any(d.generating is None or not d.generating.done() for d in fleet.devices)
+
+        while busy():  # noqa: ASYNC110 - the fleet has no event for it
+            await asyncio.sleep(0.02)
+        marks["buffered"] = time.perf_counter()
+
+    async def chaos() -> str:
+        while fleet.acked() < total * 0.3:  # noqa: ASYNC110 - acks are counters, not events
+            await asyncio.sleep(0.05)
+        leader = await stream_leader(bench)
+        node = next(n for n in bench.cloud.node_specs if n.name == leader)
+        cluster = bench.cloud.nats()
+        victim = workers[0]
+        victim.proc.kill()  # kill -9 of one worker with a group in hand, most likely
+        cluster.kill(node)  # kill -9 of the node leading EDGE_BATCHES
+        at = fleet.acked()
+        await asyncio.sleep(5.0)  # down 5 s, then restarted as its service manager would
+        await asyncio.to_thread(cluster.start_node, node, 60)
+        return f"worker {victim.name} and NATS node {node.name} (stream leader) at {at:,} events acked"
+
+    t0 = time.perf_counter()
+    watch = asyncio.create_task(buffered())
+    fault = asyncio.create_task(chaos()) if kill else None
+    try:
+        report = await fleet.run()
+        if fault is not None:
+            killed = await fault
+    finally:
+        for task in (watch, fault):
+            if task is not None and not task.done():
+                task.cancel()
+        await settle(bench)
+        rss = [w.peak_rss_kib() for w in workers if w.proc.poll() is None]
+        bench.stop_workers()
+    start = marks.get("buffered", t0)
+    end = marks.get("acked", time.perf_counter())
+    return Storm(kill, total, end - start, start - t0, report.complete, check_db(dsn, args.devices),
+                 sum(d.resent for d in report.devices), sum(d.connects for d in report.devices), killed, rss)
+
+
+@dataclass(slots=True)
+class Steady:
+    workers: int
+    offered: float  # events/s configured
+    achieved: float  # events acked / generation time
+    events: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    measured: int  # events in the percentiles (after the warm-up)
+    check: Check
+    complete: bool
+    peak_rss_kib: list[int]
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+async def steady(bench: Bench, args: argparse.Namespace, n_workers: int) -> Steady:
+    """(c): every device generates `rate` events/s; latency = its event's ts (device clock) -> the signed
+    ok ack of its batch on NATS (the worker publishes it only after COMMIT), same machine clock."""
+    name = f"steady_{n_workers}"
+    dsn = bench.fresh_db(name)
+    per_device = args.rate / args.devices
+    events = max(1, round(per_device * args.steady_seconds))
+    spec = fleet_spec(bench, name, args, events=events, rate=per_device, offline_first=False)
+    marks: dict[str, float] = {}
+
+    def progress(_f: Fleet) -> None:
+        marks.setdefault("uplinks", time.time() * 1000)
+
+    fleet = await open_fleet(bench, spec, dsn, progress)  # keys registered before any worker starts
+    workers = await start_workers(bench, n_workers, name, name)
+    nc = await bench.nats()
+    listener = AckListener()
+    await nc.subscribe(f"{subject_prefix(PREFIX)}.*.*.*.ack", cb=listener.on_msg)
+    try:
+        t0 = time.perf_counter()
+        report = await fleet.run()
+        seconds = time.perf_counter() - t0
+        await settle(bench)
+        rss = [w.peak_rss_kib() for w in workers]
+    finally:
+        await nc.close()
+        bench.stop_workers()
+    warm_until = marks.get("uplinks", 0.0) + args.warmup * 1000
+    lat: list[float] = []
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT tenant, store, device, seq, ts_ms FROM events").fetchall()
+    for t, s, d, seq, ts_ms in rows:
+        acked = listener.acks.get((t, s, d, int(seq)))
+        if acked is not None and ts_ms >= warm_until:
+            lat.append(acked - ts_ms)
+    lat.sort()
+    total = args.devices * events
+    return Steady(n_workers, args.rate, report.acked / seconds, total, percentile(lat, 0.5), percentile(lat, 0.99),
+                  lat[-1] if lat else float("nan"), len(lat), check_db(dsn, args.devices), report.complete, rss)
+
+
+async def part_b(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kill in (False, True):
+        r = await storm(bench, args, kill=kill)
+        label = "storm with kill -9" if kill else "storm"
+        print(f"(b) {label}: {r.events:,} events from {args.devices} devices in {r.seconds:.1f} s after "
+              f"{r.buffering_s:.1f} s of buffering; {r.check.text(r.events)}; {r.resent} resent, {r.connects} "
+              f"connects{'; killed ' + r.killed if r.killed else ''}", flush=True)  # fmt: skip
+        out["kill" if kill else "normal"] = {
+            "events": r.events, "seconds": round(r.seconds, 1), "buffering_s": round(r.buffering_s, 1),
+            "complete": r.complete, "check": r.check.text(r.events), "resent": r.resent, "connects": r.connects,
+            "killed": r.killed, "peak_rss_mib": [round(k / 1024, 1) for k in r.peak_rss_kib],
+            "verified": r.complete and r.check.ok(r.events, None),
+        }  # fmt: skip
+    out["target_met"] = out["normal"]["seconds"] <= TARGET_STORM_S and out["normal"]["verified"]
+    out["verified"] = out["normal"]["verified"] and out["kill"]["verified"]
+    return out
+
+
+async def part_c(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"offered_per_s": args.rate, "devices": args.devices, "runs": {}}
+    for n in args.steady_workers:
+        r = await steady(bench, args, n)
+        print(f"(c) steady {r.offered:,.0f} events/s offered ({args.devices} devices, {n} worker(s)), "
+              f"{r.achieved:,.0f} acked/s: p50 {r.p50_ms:.0f} ms, p99 {r.p99_ms:.0f} ms, max {r.max_ms:.0f} ms over "
+              f"{r.measured:,} events; {r.check.text(r.events)}; peak RSS "
+              f"{', '.join(f'{k / 1024:.0f}' for k in r.peak_rss_kib)} MiB", flush=True)  # fmt: skip
+        out["runs"][n] = {
+            "achieved_per_s": round(r.achieved), "events": r.events, "p50_ms": round(r.p50_ms),
+            "p99_ms": round(r.p99_ms), "max_ms": round(r.max_ms), "measured": r.measured,
+            "check": r.check.text(r.events), "peak_rss_mib": [round(k / 1024, 1) for k in r.peak_rss_kib],
+            "verified": r.complete and r.check.ok(r.events, None),
+        }  # fmt: skip
+    out["verified"] = all(r["verified"] for r in out["runs"].values())
+    return out
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -520,10 +786,41 @@ def print_table_a(a: dict[str, Any]) -> None:
           f"{'all verified' if a['verified'] else 'VERIFICATION FAILED'}: {verdict}")  # fmt: skip
 
 
+def print_table_b(b: dict[str, Any]) -> None:
+    print()
+    n = b["normal"]
+    print(f"(b) reconnect storm: {n['events']:,} events buffered offline, every device connects at once")
+    print(f"    {'run':<38} {'seconds':>8} {'events/s':>10}  check")
+    for key, label in (("normal", "storm"), ("kill", "storm, kill -9 of a NATS node + worker")):
+        r = b[key]
+        rate = r["events"] / r["seconds"] if r["seconds"] else 0
+        print(f"    {label:<38} {r['seconds']:>8.1f} {rate:>10,.0f}  {r['check']}; {r['resent']} resent")
+    print(f"    killed: {b['kill']['killed']}")
+    verdict = "met" if b["target_met"] else "NOT met"
+    print(f"    target: storm <= {TARGET_STORM_S:.0f} s, verified: {verdict}; with kill -9: "
+          f"{'0 lost, 0 duplicates, chains intact' if b['kill']['verified'] else 'VERIFICATION FAILED'}")  # fmt: skip
+
+
+def print_table_c(c: dict[str, Any]) -> None:
+    print()
+    print(f"(c) steady rate: {c['offered_per_s']:,.0f} events/s offered by {c['devices']} devices; latency = event ts "
+          "on the device -> its batch's signed ok ack (sent after COMMIT)")  # fmt: skip
+    print(f"    {'workers':>7} {'acked/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'measured':>9}  "
+          "peak RSS per worker")
+    for n, r in sorted(c["runs"].items()):
+        rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mib"])
+        print(f"    {n:>7} {r['achieved_per_s']:>9,} {r['p50_ms']:>8,} {r['p99_ms']:>8,} {r['max_ms']:>8,} "
+              f"{r['measured']:>9,}  {rss} MiB; {r['check']}")  # fmt: skip
+
+
 async def run(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if "a" in args.parts:
         results["a"] = await part_a(bench, args)
+    if "b" in args.parts:
+        results["b"] = await part_b(bench, args)
+    if "c" in args.parts:
+        results["c"] = await part_c(bench, args)
     return results
 
 
@@ -536,13 +833,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="events per batch in (a); default 1,000")
     ap.add_argument("--workers", type=int, default=2, help="the default worker count (one per core)")
     ap.add_argument("--scale", default=None, help="worker counts for (a); default 1,2,4")
+    ap.add_argument("--rate", type=float, default=5000.0, help="(c): events/s of the whole fleet")
+    ap.add_argument("--steady-seconds", type=float, default=None, help="(c): how long the steady rate runs")
+    ap.add_argument("--steady-workers", default=None, help="(c): worker counts, comma-separated; default --workers")
+    ap.add_argument("--warmup", type=float, default=None, help="(c): seconds after the uplinks start not measured")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds any one phase may take")
+    ap.add_argument("--keep", action="store_true", help="keep the run's folder (worker and NATS logs) in /tmp")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
     args = ap.parse_args(argv)
     quick = args.quick
     args.devices = args.devices or (50 if quick else 500)
     args.events = args.events or (200 if quick else 2000)
     args.batch = args.batch or (100 if quick else 1000)
+    args.steady_seconds = args.steady_seconds or (10.0 if quick else 60.0)
+    args.warmup = args.warmup if args.warmup is not None else (2.0 if quick else 10.0)
+    if quick and args.rate == 5000.0:
+        args.rate = 500.0
+    args.steady_workers = [int(x) for x in (args.steady_workers or str(args.workers)).split(",")]
     args.scale = [int(x) for x in (args.scale or ("1,2" if quick else "1,2,4")).split(",")]
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not args.parts <= {"a", "b", "c"}:
@@ -552,12 +859,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging("warning", "console")
     t0 = time.perf_counter()
-    with local_cloud(args.devices) as bench:
+    with local_cloud(args.devices, keep=args.keep) as bench:
         print(f"local cloud up in {time.perf_counter() - t0:.1f} s ({bench.dir})", flush=True)
         results = asyncio.run(run(bench, args))
-    if "a" in results:
-        print_table_a(results["a"])
+    for part, show in (("a", print_table_a), ("b", print_table_b), ("c", print_table_c)):
+        if part in results:
+            show(results[part])
     results["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         print(json.dumps(results, default=str))
@@ -565,6 +874,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def _interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind, so the servers and workers of the run are stopped
+
+
 if __name__ == "__main__":
     os.umask(0o022)
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())
