@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -42,9 +43,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,7 @@ from edge.config import MqttAuth  # noqa: E402
 from edge.logs import configure_logging  # noqa: E402
 from edge.wire.uplink import encode_event, kid_of, parse_ack, public_raw, seal_batch, verify_ack  # noqa: E402
 
+SCRIPT = str(Path(__file__).resolve())
 EDGE_CLOUD = str(Path(sys.executable).parent / "edge-cloud")
 PREFIX = "edge/v1"
 TENANT = "bench"
@@ -188,7 +191,7 @@ class Bench:
 
 @contextlib.contextmanager
 def local_cloud(devices: int, keep: bool = False) -> Iterator[Bench]:
-    base = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir="/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="fleetbench-run-", dir="/tmp"))
     base.chmod(0o755)  # PostgreSQL's own user (when run as root) must reach its folder
     cloud = None
     try:
@@ -512,45 +515,207 @@ async def part_a(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ (b), (c): simulated devices
 
 
-def fleet_spec(bench: Bench, name: str, args: argparse.Namespace, *, events: int, rate: float | None,
-               offline_first: bool) -> FleetSpec:  # fmt: skip
-    pub = public_raw(bench.cloud_key.public_key()).hex()
-    node = bench.cloud.node_specs[0]
-    return FleetSpec(devices=args.devices, events=events, broker=node.mqtt_url, state=bench.dir / name / "state",
-                     keys_dir=bench.dir / name / "keys", cloud_public_key=pub, tenant=TENANT, rate=rate,
-                     offline_first=offline_first, timeout=args.timeout)  # fmt: skip
+SIM_PROGRESS_S = 0.25
 
 
-async def open_fleet(bench: Bench, spec: FleetSpec, dsn: str, on_progress: Callable[[Fleet], None]) -> Fleet:
-    """A fleet whose devices log in with their store's MQTT credentials (spread over the three nodes,
-    protocol 3.1.1 as against NATS) and whose keys are registered in PostgreSQL."""
-    fleet = Fleet(spec, on_progress=on_progress)
-    nodes = bench.cloud.node_specs
-    secrets_dir = bench.dir / "mqtt-passwords"
-    secrets_dir.mkdir(exist_ok=True)
+def fleet_spec(spec: dict[str, Any]) -> FleetSpec:
+    root = Path(spec["dir"])
+    return FleetSpec(devices=spec["hi"] - spec["lo"] + 1, events=0, broker=spec["mqtt_urls"][0], state=root / "state",
+                     keys_dir=root / "keys", cloud_public_key=spec["cloud_public_key"], tenant=TENANT,
+                     rate=spec["rate"], timeout=spec["timeout"])  # fmt: skip
+
+
+async def open_devices(spec: dict[str, Any], fs: FleetSpec) -> list[SimDevice]:
+    """Devices lo..hi logging in with their store's MQTT credentials (spread over the three nodes,
+    protocol 3.1.1 as against NATS), keys registered in PostgreSQL."""
+    urls: list[str] = spec["mqtt_urls"]
     clock = SystemClock()
     gate = asyncio.Semaphore(16)
 
     async def one(i: int) -> SimDevice:
-        t, s, _ = spec.ids(i)
+        t, s, _ = fs.ids(i)
         user = store_user_name(t, s)
-        pw = secrets_dir / f"{user}.pw"
-        pw.write_text(bench.cloud.state.passwords[user] + "\n")
-        pw.chmod(0o600)
-        cfg = device_config(spec, i)
-        auth = MqttAuth(username=user, password_file=pw)
-        uplink = cfg.uplink.model_copy(update={"auth": auth, "protocol": "3.1.1",
-                                               "broker": nodes[(i - 1) % len(nodes)].mqtt_url})  # fmt: skip
+        cfg = device_config(fs, i)
+        auth = MqttAuth(username=user, password_file=Path(spec["passwords"]) / f"{user}.pw")
+        update: dict[str, Any] = {"auth": auth, "protocol": "3.1.1", "broker": urls[(i - 1) % len(urls)]}
+        if spec.get("linger") is not None:
+            update["batch"] = cfg.uplink.batch.model_copy(update={"linger": float(spec["linger"])})
+        uplink = cfg.uplink.model_copy(update=update)
         async with gate:
-            return await SimDevice.open(cfg.model_copy(update={"uplink": uplink}), clock, spec.keys_dir)
+            return await SimDevice.open(cfg.model_copy(update={"uplink": uplink}), clock, fs.keys_dir)
 
-    fleet.devices = list(await asyncio.gather(*(one(i) for i in range(1, spec.devices + 1))))
-    with psycopg.connect(dsn) as conn:
-        for dev in fleet.devices:
+    devices = list(await asyncio.gather(*(one(i) for i in range(spec["lo"], spec["hi"] + 1))))
+    with psycopg.connect(spec["dsn"]) as conn:
+        for dev in devices:
             ident = dev.cfg.identity
             add_device(conn, tenant=ident.tenant, store=ident.store, device=ident.device,
                        public_key=dev.rt.keys.public_key())  # fmt: skip
-    return fleet
+    return devices
+
+
+async def sim_child(spec: dict[str, Any]) -> int:
+    """One simulator process: open its devices, buffer offline if asked, say `ready`, wait for `go` on
+    stdin, run until every event is acked; progress and the report as JSON lines on stdout."""
+    fs = fleet_spec(spec)
+    total = (spec["hi"] - spec["lo"] + 1) * spec["events"]
+    marks: dict[str, float] = {}
+    last = [0.0]
+
+    def say(**kv: Any) -> None:
+        sys.stdout.write(json.dumps(kv) + "\n")
+        sys.stdout.flush()
+
+    def progress(f: Fleet) -> None:
+        now = time.time()
+        acked = f.acked()
+        if acked >= total:
+            marks.setdefault("acked", now)
+        if now - last[0] >= SIM_PROGRESS_S:
+            last[0] = now
+            say(acked=acked)
+
+    fleet = Fleet(fs, on_progress=progress)
+    fleet.devices = await open_devices(spec, fs)
+    if spec["offline"]:  # the storm: everything buffered before any uplink starts
+        clock = SystemClock()
+        await asyncio.gather(*(d.generate(spec["events"], None, clock) for d in fleet.devices))
+        fleet.spec = dataclasses.replace(fs, events=0)
+    else:
+        fleet.spec = dataclasses.replace(fs, events=spec["events"])
+    say(state="ready")
+    await asyncio.to_thread(sys.stdin.readline)
+    go = time.time()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def read_stop() -> None:  # a "stop" line (or EOF): end the run as it is
+        sys.stdin.readline()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=read_stop, daemon=True).start()
+    report = await fleet.run(stop)
+    say(state="done", acked=report.acked, generated=report.generated, complete=report.complete,
+        devices_done=sum(1 for d in report.devices if not d.backlog_events and not d.batches_pending),
+        resent=sum(d.resent for d in report.devices), connects=sum(d.connects for d in report.devices),
+        backlog=report.backlog_events, go=go, acked_at=marks.get("acked"), rss_peak_kib=report.rss_peak_kib)
+    return 0
+
+
+class Sims:
+    """`--sims` simulator subprocesses sharing the devices (one Python process cannot drive 500
+    devices at 5,000 events/s); the bench coordinates them through their stdin/stdout."""
+
+    def __init__(self, bench: Bench, name: str, args: argparse.Namespace, dsn: str, *, events: int,
+                 rate: float | None, offline: bool) -> None:  # fmt: skip
+        self.bench, self.name, self.args, self.dsn = bench, name, args, dsn
+        self.events, self.rate, self.offline = events, rate, offline
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.acked: list[int] = []
+        self.done: list[dict[str, Any]] = []
+        self._readers: list[asyncio.Task[None]] = []
+
+    @property
+    def total(self) -> int:
+        n: int = self.args.devices * self.events
+        return n
+
+    def acked_now(self) -> int:
+        return sum(self.acked)
+
+    async def start(self) -> None:
+        """Spawn every simulator; returns once all opened (and buffered) their devices."""
+        b = self.bench
+        pw_dir = b.dir / "mqtt-passwords"
+        pw_dir.mkdir(exist_ok=True)
+        for i in range(1, self.args.devices + 1):
+            user = store_user_name(*ids(i)[:2])
+            pw = pw_dir / f"{user}.pw"
+            if not pw.exists():
+                pw.write_text(b.cloud.state.passwords[user] + "\n")
+                pw.chmod(0o600)
+        k = max(1, min(self.args.sims, self.args.devices))
+        cuts = [round(j * self.args.devices / k) for j in range(k + 1)]
+        for j in range(k):
+            spec = {"dir": str(b.dir / self.name), "lo": cuts[j] + 1, "hi": cuts[j + 1], "events": self.events,
+                    "rate": self.rate, "offline": self.offline, "timeout": self.args.timeout,
+                    "mqtt_urls": [n.mqtt_url for n in b.cloud.node_specs], "passwords": str(pw_dir),
+                    "cloud_public_key": public_raw(b.cloud_key.public_key()).hex(), "dsn": self.dsn,
+                    "linger": self.args.linger}  # fmt: skip
+            path = b.dir / f"{self.name}-sim{j}.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the DSN's password
+            with os.fdopen(fd, "w") as fh:
+                json.dump(spec, fh)
+            with (b.dir / f"{self.name}-sim{j}.log").open("ab") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, SCRIPT, "--child", str(path), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=log, cwd=ROOT)  # fmt: skip
+            self.procs.append(proc)
+            self.acked.append(0)
+        for j, proc in enumerate(self.procs):
+            while True:
+                line = await self._line(proc, j)
+                if line.get("state") == "ready":
+                    break
+
+    async def _line(self, proc: asyncio.subprocess.Process, j: int) -> dict[str, Any]:
+        assert proc.stdout is not None  # noqa: S101 - PIPE was asked for
+        raw = await proc.stdout.readline()
+        if not raw:
+            log = (self.bench.dir / f"{self.name}-sim{j}.log").read_text()[-3000:]
+            raise RuntimeError(f"simulator {j} of {self.name} exited {await proc.wait()}: {log}")
+        got: dict[str, Any] = json.loads(raw)
+        return got
+
+    async def _read(self, proc: asyncio.subprocess.Process, j: int) -> None:
+        while True:
+            line = await self._line(proc, j)
+            if "acked" in line:
+                self.acked[j] = int(line["acked"])
+            if line.get("state") == "done":
+                self.done.append(line)
+                return
+
+    def go(self) -> float:
+        """Every simulator starts its uplinks (and generators) now; returns the wall time."""
+        at = time.time()
+        for proc in self.procs:
+            assert proc.stdin is not None  # noqa: S101 - PIPE was asked for
+            proc.stdin.write(b"go\n")
+        self._readers = [asyncio.create_task(self._read(p, j)) for j, p in enumerate(self.procs)]
+        return at
+
+    def stop(self) -> None:
+        """Every simulator ends its run now (what is not acked stays in its devices' buffers)."""
+        for proc in self.procs:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.write(b"stop\n")
+
+    def finished(self) -> bool:
+        return len(self.done) == len(self.procs)
+
+    async def wait(self, within: float | None = None) -> dict[str, Any]:
+        """Until every simulator reported (after `within` s they are told to stop); their summed reports."""
+        if within is not None:
+            done, _ = await asyncio.wait(self._readers, timeout=within)
+            if len(done) < len(self._readers):
+                self.stop()
+        await asyncio.gather(*self._readers)
+        for proc in self.procs:
+            await proc.wait()
+        d = self.done
+        acked_at = [x["acked_at"] for x in d]
+        return {"acked": sum(x["acked"] for x in d), "complete": all(x["complete"] for x in d),
+                "devices_done": sum(x["devices_done"] for x in d),
+                "resent": sum(x["resent"] for x in d), "connects": sum(x["connects"] for x in d),
+                "backlog": sum(x["backlog"] for x in d),
+                "acked_at": max(acked_at) if all(a is not None for a in acked_at) else None,
+                "sim_rss_peak_mib": [round(x["rss_peak_kib"] / 1024) for x in d]}  # fmt: skip
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
 
 async def start_workers(bench: Bench, n: int, db: str, tag: str) -> list[Worker]:
@@ -595,9 +760,10 @@ async def stream_leader(bench: Bench) -> str:
 class Storm:
     kill: bool
     events: int
-    seconds: float  # uplinks start -> every event acked (after its COMMIT)
+    seconds: float  # uplinks start -> every event committed in PostgreSQL
+    acked_s: float | None  # uplinks start -> every device heard every ack (None: not within --ack-grace)
     buffering_s: float
-    complete: bool
+    devices_done: int  # devices whose buffer is empty (every batch acked) at the end
     check: Check
     resent: int
     connects: int
@@ -609,60 +775,66 @@ async def storm(bench: Bench, args: argparse.Namespace, *, kill: bool) -> Storm:
     """(b): every device buffers its events offline, then all connect at once."""
     name = "storm_kill" if kill else "storm"
     dsn = bench.fresh_db(name)
-    spec = fleet_spec(bench, name, args, events=args.events, rate=None, offline_first=True)
-    total = args.devices * args.events
-    marks: dict[str, float] = {}
-    killed = ""
-
-    def progress(f: Fleet) -> None:
-        now = time.perf_counter()
-        marks.setdefault("uplinks", now)
-        if f.acked() >= total:
-            marks.setdefault("acked", now)
-
-    fleet = await open_fleet(bench, spec, dsn, progress)  # keys registered before any worker starts
-    workers = await start_workers(bench, args.workers, name, name)
-
-    async def buffered() -> None:  # storm start: every generator done, the uplinks start right after
-        def busy() -> bool:
-            return not fleet.devices or any(d.generating is None or not d.generating.done() for d in fleet.devices)
-
-        while busy():  # noqa: ASYNC110 - the fleet has no event for it
-            await asyncio.sleep(0.02)
-        marks["buffered"] = time.perf_counter()
-
-    async def chaos() -> str:
-        while fleet.acked() < total * 0.3:  # noqa: ASYNC110 - acks are counters, not events
-            await asyncio.sleep(0.05)
-        leader = await stream_leader(bench)
-        node = next(n for n in bench.cloud.node_specs if n.name == leader)
-        cluster = bench.cloud.nats()
-        victim = workers[0]
-        victim.proc.kill()  # kill -9 of one worker with a group in hand, most likely
-        cluster.kill(node)  # kill -9 of the node leading EDGE_BATCHES
-        at = fleet.acked()
-        await asyncio.sleep(5.0)  # down 5 s, then restarted as its service manager would
-        await asyncio.to_thread(cluster.start_node, node, 60)
-        return f"worker {victim.name} and NATS node {node.name} (stream leader) at {at:,} events acked"
-
+    sims = Sims(bench, name, args, dsn, events=args.events, rate=None, offline=True)
     t0 = time.perf_counter()
-    watch = asyncio.create_task(buffered())
-    fault = asyncio.create_task(chaos()) if kill else None
+    killed = ""
     try:
-        report = await fleet.run()
-        if fault is not None:
-            killed = await fault
+        await sims.start()  # keys registered before any worker starts
+        buffering = time.perf_counter() - t0
+        workers = await start_workers(bench, args.workers, name, name)
+
+        async def chaos() -> str:
+            while await stored(dsn) < sims.total * 0.3:  # noqa: ASYNC110 - polled in PostgreSQL
+                await asyncio.sleep(0.1)
+            leader = await stream_leader(bench)
+            node = next(n for n in bench.cloud.node_specs if n.name == leader)
+            cluster = bench.cloud.nats()
+            victim = workers[0]
+            victim.proc.kill()  # kill -9 of one worker with a group in hand, most likely
+            cluster.kill(node)  # kill -9 of the node leading EDGE_BATCHES
+            at = await stored(dsn)
+            await asyncio.sleep(5.0)  # down 5 s, then restarted as its service manager would
+            await asyncio.to_thread(cluster.start_node, node, 60)
+            return f"worker {victim.name} and NATS node {node.name} (stream leader) at {at:,} events stored"
+
+        go = sims.go()
+        fault = asyncio.create_task(chaos()) if kill else None
+        try:
+            in_pg = None
+            while time.time() - go < args.timeout:
+                if await stored(dsn) >= sims.total:
+                    in_pg = time.time()
+                    break
+                if sims.finished():
+                    break
+                await asyncio.sleep(0.25)
+            if fault is not None:
+                killed = await fault
+            # the devices hear their acks (or resend after ack_timeout and hear the duplicate's)
+            report = await sims.wait(within=args.ack_grace)
+        finally:
+            if fault is not None and not fault.done():
+                fault.cancel()
+            await settle(bench)
+            rss = [w.peak_rss_kib() for w in workers if w.proc.poll() is None]
+            bench.stop_workers()
     finally:
-        for task in (watch, fault):
-            if task is not None and not task.done():
-                task.cancel()
-        await settle(bench)
-        rss = [w.peak_rss_kib() for w in workers if w.proc.poll() is None]
-        bench.stop_workers()
-    start = marks.get("buffered", t0)
-    end = marks.get("acked", time.perf_counter())
-    return Storm(kill, total, end - start, start - t0, report.complete, check_db(dsn, args.devices),
-                 sum(d.resent for d in report.devices), sum(d.connects for d in report.devices), killed, rss)
+        sims.kill()
+    acked_at = report["acked_at"]
+    return Storm(kill, sims.total, (in_pg or time.time()) - go, None if acked_at is None else acked_at - go,
+                 buffering, report["devices_done"], check_db(dsn, args.devices), report["resent"],
+                 report["connects"], killed, rss)
+
+
+async def stored(dsn: str) -> int:
+    """Events committed so far (a batch's `n` commits with its events)."""
+
+    def ask() -> int:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT coalesce(sum(n), 0) FROM batches").fetchone()
+        return int(row[0]) if row else 0
+
+    return await asyncio.to_thread(ask)
 
 
 @dataclass(slots=True)
@@ -694,27 +866,25 @@ async def steady(bench: Bench, args: argparse.Namespace, n_workers: int) -> Stea
     dsn = bench.fresh_db(name)
     per_device = args.rate / args.devices
     events = max(1, round(per_device * args.steady_seconds))
-    spec = fleet_spec(bench, name, args, events=events, rate=per_device, offline_first=False)
-    marks: dict[str, float] = {}
-
-    def progress(_f: Fleet) -> None:
-        marks.setdefault("uplinks", time.time() * 1000)
-
-    fleet = await open_fleet(bench, spec, dsn, progress)  # keys registered before any worker starts
-    workers = await start_workers(bench, n_workers, name, name)
+    sims = Sims(bench, name, args, dsn, events=events, rate=per_device, offline=False)
     nc = await bench.nats()
     listener = AckListener()
     await nc.subscribe(f"{subject_prefix(PREFIX)}.*.*.*.ack", cb=listener.on_msg)
     try:
-        t0 = time.perf_counter()
-        report = await fleet.run()
-        seconds = time.perf_counter() - t0
-        await settle(bench)
-        rss = [w.peak_rss_kib() for w in workers]
+        await sims.start()  # keys registered before any worker starts
+        workers = await start_workers(bench, n_workers, name, name)
+        try:
+            go = sims.go()
+            report = await sims.wait(within=args.steady_seconds + args.ack_grace)
+            seconds = (report["acked_at"] or time.time()) - go
+            await settle(bench)
+            rss = [w.peak_rss_kib() for w in workers]
+        finally:
+            bench.stop_workers()
     finally:
+        sims.kill()
         await nc.close()
-        bench.stop_workers()
-    warm_until = marks.get("uplinks", 0.0) + args.warmup * 1000
+    warm_until = (go + args.warmup) * 1000
     lat: list[float] = []
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT tenant, store, device, seq, ts_ms FROM events").fetchall()
@@ -723,9 +893,9 @@ async def steady(bench: Bench, args: argparse.Namespace, n_workers: int) -> Stea
         if acked is not None and ts_ms >= warm_until:
             lat.append(acked - ts_ms)
     lat.sort()
-    total = args.devices * events
-    return Steady(n_workers, args.rate, report.acked / seconds, total, percentile(lat, 0.5), percentile(lat, 0.99),
-                  lat[-1] if lat else float("nan"), len(lat), check_db(dsn, args.devices), report.complete, rss)
+    return Steady(n_workers, args.rate, report["acked"] / seconds, sims.total, percentile(lat, 0.5),
+                  percentile(lat, 0.99), lat[-1] if lat else float("nan"), len(lat), check_db(dsn, args.devices),
+                  report["complete"], rss)
 
 
 async def part_b(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
@@ -733,15 +903,19 @@ async def part_b(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     for kill in (False, True):
         r = await storm(bench, args, kill=kill)
         label = "storm with kill -9" if kill else "storm"
-        print(f"(b) {label}: {r.events:,} events from {args.devices} devices in {r.seconds:.1f} s after "
-              f"{r.buffering_s:.1f} s of buffering; {r.check.text(r.events)}; {r.resent} resent, {r.connects} "
-              f"connects{'; killed ' + r.killed if r.killed else ''}", flush=True)  # fmt: skip
+        acked = "not within the grace" if r.acked_s is None else f"{r.acked_s:.1f} s"
+        print(f"(b) {label}: {r.events:,} events from {args.devices} devices in PostgreSQL {r.seconds:.1f} s after "
+              f"connecting ({r.buffering_s:.1f} s of buffering before); every ack heard: {acked}, "
+              f"{r.devices_done}/{args.devices} devices emptied; {r.check.text(r.events)}; {r.resent} resent, "
+              f"{r.connects} connects{'; killed ' + r.killed if r.killed else ''}", flush=True)  # fmt: skip
         out["kill" if kill else "normal"] = {
-            "events": r.events, "seconds": round(r.seconds, 1), "buffering_s": round(r.buffering_s, 1),
-            "complete": r.complete, "check": r.check.text(r.events), "resent": r.resent, "connects": r.connects,
-            "killed": r.killed, "peak_rss_mib": [round(k / 1024, 1) for k in r.peak_rss_kib],
-            "verified": r.complete and r.check.ok(r.events, None),
+            "events": r.events, "seconds": round(r.seconds, 1),
+            "acked_s": None if r.acked_s is None else round(r.acked_s, 1), "buffering_s": round(r.buffering_s, 1),
+            "devices_done": r.devices_done, "check": r.check.text(r.events), "resent": r.resent,
+            "connects": r.connects, "killed": r.killed, "peak_rss_mib": [round(k / 1024, 1) for k in r.peak_rss_kib],
+            "verified": r.check.ok(r.events, None),
         }  # fmt: skip
+    out["devices"] = args.devices
     out["target_met"] = out["normal"]["seconds"] <= TARGET_STORM_S and out["normal"]["verified"]
     out["verified"] = out["normal"]["verified"] and out["kill"]["verified"]
     return out
@@ -789,15 +963,18 @@ def print_table_a(a: dict[str, Any]) -> None:
 def print_table_b(b: dict[str, Any]) -> None:
     print()
     n = b["normal"]
-    print(f"(b) reconnect storm: {n['events']:,} events buffered offline, every device connects at once")
-    print(f"    {'run':<38} {'seconds':>8} {'events/s':>10}  check")
-    for key, label in (("normal", "storm"), ("kill", "storm, kill -9 of a NATS node + worker")):
+    print(f"(b) reconnect storm: {n['events']:,} events buffered offline by {b['devices']} devices, "
+          "all connect at once")
+    print(f"    {'run':<40} {'in PG s':>8} {'events/s':>9} {'acks s':>7} {'emptied':>8}  check")
+    for key, label in (("normal", "storm"), ("kill", "storm, kill -9 of a NATS node + a worker")):
         r = b[key]
         rate = r["events"] / r["seconds"] if r["seconds"] else 0
-        print(f"    {label:<38} {r['seconds']:>8.1f} {rate:>10,.0f}  {r['check']}; {r['resent']} resent")
+        acked = "-" if r["acked_s"] is None else f"{r['acked_s']:.1f}"
+        print(f"    {label:<40} {r['seconds']:>8.1f} {rate:>9,.0f} {acked:>7} {r['devices_done']:>8}  {r['check']}; "
+              f"{r['resent']} resent")  # fmt: skip
     print(f"    killed: {b['kill']['killed']}")
     verdict = "met" if b["target_met"] else "NOT met"
-    print(f"    target: storm <= {TARGET_STORM_S:.0f} s, verified: {verdict}; with kill -9: "
+    print(f"    target: all in PostgreSQL, verified, <= {TARGET_STORM_S:.0f} s: {verdict}; with kill -9: "
           f"{'0 lost, 0 duplicates, chains intact' if b['kill']['verified'] else 'VERIFICATION FAILED'}")  # fmt: skip
 
 
@@ -838,6 +1015,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steady-workers", default=None, help="(c): worker counts, comma-separated; default --workers")
     ap.add_argument("--warmup", type=float, default=None, help="(c): seconds after the uplinks start not measured")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds any one phase may take")
+    ap.add_argument("--ack-grace", type=float, default=None,
+                    help="(b), (c): seconds the devices get to hear every ack once it is stored / generated")
+    ap.add_argument("--linger", type=float, default=None,
+                    help="(b), (c): the devices' uplink.batch.linger in s (default: the edge default, 100 ms)")
+    ap.add_argument("--sims", type=int, default=2, help="(b), (c): simulator processes sharing the devices")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the run's folder (worker and NATS logs) in /tmp")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
     args = ap.parse_args(argv)
@@ -849,6 +1032,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (2.0 if quick else 10.0)
     if quick and args.rate == 5000.0:
         args.rate = 500.0
+    args.ack_grace = args.ack_grace if args.ack_grace is not None else (20.0 if quick else 40.0)
     args.steady_workers = [int(x) for x in (args.steady_workers or str(args.workers)).split(",")]
     args.scale = [int(x) for x in (args.scale or ("1,2" if quick else "1,2,4")).split(",")]
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -859,6 +1043,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.child is not None:
+        configure_logging("warning", "json", sys.stderr)
+        return asyncio.run(sim_child(json.loads(Path(args.child).read_text())))
     configure_logging("warning", "console")
     t0 = time.perf_counter()
     with local_cloud(args.devices, keep=args.keep) as bench:
