@@ -25,6 +25,9 @@ COMMANDS: tuple[str, ...] = (
     "cloud.cluster.cli",
     "cloud.db.cli",
     "cloud.commands.fleetsim",
+    "cloud.commands.fleetdemo",
+    "cloud.commands.report",
+    "cloud.fleet.cli",
 )
 
 

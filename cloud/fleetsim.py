@@ -10,7 +10,10 @@ client is re-implemented here, so load and fault tests exercise the code devices
 What the simulator adds is only what drivers would do: a generator per device that submits
 synthetic readings (`edge.sim`, no identifiers) at `rate` events/s, or all at once. Each device's
 public key is written in the receiver's layout (`keys_dir/<tenant>/<store>/<device>.pub`); the
-receiver reloads its folder on an unknown key, so it can already be running.
+receiver reloads its folder on an unknown key, so it can already be running. Against the chain's
+cloud (NATS + PostgreSQL) the keys are registered in the PostgreSQL device registry instead
+(`registry_dsn`, as `edge-cloud devices add` does) and each device logs in with its store's MQTT
+credentials (`credentials`: store -> user name and password file, the config's `uplink.auth`).
 
 A run ends when every device has generated its events and its buffer is empty (all acked), or at
 `timeout`; then every uplink stops cleanly (`offline` status) and every buffer closes.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,13 +71,11 @@ class FleetSpec:
     ack_timeout: float = 15.0
     reconnect_initial: float = 0.5
     reconnect_max: float = 5.0
+    registry_dsn: str | None = None  # register keys in PostgreSQL's registry, not in keys_dir
+    credentials: Mapping[str, tuple[str, Path]] | None = None  # store -> (MQTT user, password file)
 
     def ids(self, i: int) -> tuple[str, str, str]:
-        """(tenant, store, device) of device number `i` (from 1): one device per store.
-
-        Device ids are unique across stores too: the uplink's MQTT client id is the device id,
-        so two stores' `edge-01` on one broker would take each other's session over.
-        """
+        """(tenant, store, device) of device number `i` (from 1): one device per store."""
         return self.tenant, f"store-{i:04d}", f"edge-{i:04d}"
 
 
@@ -158,6 +159,10 @@ def device_config(spec: FleetSpec, i: int) -> Config:
     """The edge config of device `i`: its identity, state and keys under `spec.state`, the uplink."""
     tenant, store, device = spec.ids(i)
     home = spec.state / store / device
+    auth: dict[str, str] = {}
+    if spec.credentials is not None:
+        user, password_file = spec.credentials[store]
+        auth = {"username": user, "password_file": str(password_file)}
     return Config.model_validate({
         "identity": {"tenant": tenant, "store": store, "device": device},
         "paths": {"state_dir": str(home / "state"), "keys_dir": str(home / "keys")},
@@ -166,6 +171,7 @@ def device_config(spec: FleetSpec, i: int) -> Config:
             "broker": spec.broker, "prefix": spec.prefix, "cloud_public_key": spec.cloud_public_key,
             "window": spec.window, "ack_timeout": spec.ack_timeout,
             "reconnect": {"initial": spec.reconnect_initial, "max": spec.reconnect_max},
+            **({"auth": auth} if auth else {}),
         },
     })  # fmt: skip
 
@@ -182,12 +188,14 @@ class SimDevice:
     generating: asyncio.Task[None] | None = field(default=None)
 
     @classmethod
-    async def open(cls, cfg: Config, clock: Clock, keys_out: Path) -> SimDevice:
+    async def open(cls, cfg: Config, clock: Clock, keys_out: Path | None) -> SimDevice:
+        """Open its keys (created on first use) and buffer; `keys_out`: register the key there too."""
         keys = KeyStore(cfg.paths.keys_dir, clock)
         if not keys.exists():
             await asyncio.to_thread(keys.init)
         ident = cfg.identity
-        register_key(keys_out, (ident.tenant, ident.store, ident.device), keys.public_key().hex())
+        if keys_out is not None:
+            register_key(keys_out, (ident.tenant, ident.store, ident.device), keys.public_key().hex())
         buffer = await Buffer.open(cfg, clock, retention_every=3600.0)
         rt = Runtime(cfg, clock, keys, buffer, Pipeline((), _passthrough, buffer))
         dev = cls(cfg, rt, uplink_component(rt))
@@ -195,6 +203,10 @@ class SimDevice:
         # what an earlier run left unacked goes out too
         dev.target = sum(b.events for b in stats.backlog.values()) + sum(b.n for b in await buffer.pending_batches())
         return dev
+
+    @property
+    def public_key(self) -> bytes:
+        return self.rt.keys.public_key()
 
     @property
     def name(self) -> str:
@@ -263,19 +275,38 @@ class Fleet:
         if self.devices:
             return
         gate = asyncio.Semaphore(OPEN_CONCURRENCY)
-        self.spec.keys_dir.mkdir(parents=True, exist_ok=True)
+        keys_out = None if self.spec.registry_dsn is not None else self.spec.keys_dir
+        if keys_out is not None:
+            keys_out.mkdir(parents=True, exist_ok=True)
 
         async def one(i: int) -> SimDevice:
             async with gate:
-                return await SimDevice.open(device_config(self.spec, i), self._clock, self.spec.keys_dir)
+                return await SimDevice.open(device_config(self.spec, i), self._clock, keys_out)
 
         results = await asyncio.gather(*(one(i) for i in range(1, self.spec.devices + 1)),
                                        return_exceptions=True)  # fmt: skip
         self.devices = [r for r in results if isinstance(r, SimDevice)]
         failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed and self.spec.registry_dsn is not None:
+            try:
+                await asyncio.to_thread(self._register, self.spec.registry_dsn)
+            except Exception as exc:
+                failed.append(exc)
         if failed:
             await self.close()
             raise failed[0]
+
+    def _register(self, dsn: str) -> None:
+        """Every device's key in PostgreSQL's registry, on one connection (idempotent)."""
+        import psycopg
+
+        from cloud.db.registry import add_device
+
+        with psycopg.connect(dsn) as conn:
+            for d in self.devices:
+                ident = d.cfg.identity
+                add_device(conn, tenant=ident.tenant, store=ident.store, device=ident.device,
+                           public_key=d.public_key)  # fmt: skip
 
     async def close(self) -> None:
         """Stop every uplink and generator, close every buffer (what `run()` does at its end)."""

@@ -122,6 +122,9 @@ class IngestConfig(_Model):
     postgres: PostgresSettings
     # the cloud's Ed25519 private key (edge-cloud keys create --out FILE); every ack is signed
     cloud_key: Path
+    # the key sealing enrollment token secrets (edge-cloud up: DIR/token.key); without it this
+    # worker answers no enrollment request (it leaves them to workers that have it)
+    token_key: Path | None = None
     prefix: str = DEFAULT_PREFIX
     batch: BatchLimits = Field(default_factory=BatchLimits)
     max_payload: Size | None = Field(default=None, ge=1024)  # default: 4 x batch.max_bytes + 4 KiB
@@ -158,7 +161,8 @@ class IngestConfig(_Model):
             update={k: fix(getattr(self.nats.tls, k)) for k in ("ca_file", "cert_file", "key_file")})
         nats = self.nats.model_copy(update={"tls": tls, "password_file": fix(self.nats.password_file)})
         pg = self.postgres.model_copy(update={"password_file": fix(self.postgres.password_file)})
-        return self.model_copy(update={"nats": nats, "postgres": pg, "cloud_key": fix(self.cloud_key)})
+        return self.model_copy(update={"nats": nats, "postgres": pg, "cloud_key": fix(self.cloud_key),
+                                       "token_key": fix(self.token_key)})
 
 
 def load_ingest_config(path: str | Path) -> IngestConfig:

@@ -22,6 +22,13 @@ Names (all prefixed `edge_cloud_ingest_`):
     group_seconds                 histogram fetch returned -> group committed, device acks flushed, JetStream acked
     ready                         gauge   1 while subscribed to the consumer with the store open
     nats_connected                gauge   1 while the NATS client is connected
+
+and of the control loop (cloud/control.py):
+
+    edge_cloud_control_messages_total{kind,result}  counter every EDGE_CONTROL message, by kind
+        (enroll, status, reported, cmd-result, other) and what became of it (enroll: accepted,
+        repeated, token-used, token-expired, token-scope, bad-mac, rate-limited, malformed,
+        bad-signature, ..., unavailable = left for a retry; others: counted; too-large, error)
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class IngestMetrics:
                                        buckets=GROUP_BUCKETS, registry=r)  # fmt: skip
         self.ready = Gauge(f"{NS}_ready", "1 while subscribed with the store open", registry=r)
         self.nats_connected = Gauge(f"{NS}_nats_connected", "1 while the NATS client is connected", registry=r)
+        self.control = Counter("edge_cloud_control_messages", "EDGE_CONTROL messages by kind and result",
+                               ["kind", "result"], registry=r)  # fmt: skip
 
     def observe_result(self, result: GroupResult) -> None:
         c = result.counts

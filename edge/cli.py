@@ -43,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = ksub.add_parser("rotate", help="rotate the ephemeral pseudonymization key now")
     _add_config(p)
 
+    p = sub.add_parser("enroll", help="register this device with the cloud using a one-time token; pin the cloud keys",
+                       description="Send a downlink-v1 enrollment request with the device key (created when "
+                       "missing) over the config's broker and uplink.auth, wait for the signed answer, and pin "
+                       "the cloud keys in the state folder (cloud_keys.json). Exit 0 enrolled, 1 refused or no "
+                       "answer, 2 bad usage or config.")  # fmt: skip
+    _add_config(p)
+    p.add_argument("--token", required=True, metavar="TOKEN",
+                   help="the one-time token {token_id}.{secret} (edge-cloud tokens create prints it)")
+    p.add_argument("--timeout", default="120s", metavar="DURATION",
+                   help="how long to repeat the request and wait for the answer (default 120s)")
+
     p = sub.add_parser("status", help="backlog, drops, last ack, driver states (works while running)")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print the whole status as one JSON document")
@@ -133,6 +144,10 @@ def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch pe
         return run_main(args.config)
     if cmd == "keys":
         return _keys(args)
+    if cmd == "enroll":
+        from edge.enroll import enroll_main
+
+        return enroll_main(args.config, args.token, args.timeout)
     if cmd == "status":
         from edge.status import status_main
 

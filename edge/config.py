@@ -209,19 +209,22 @@ class Uplink(Model):
                 raise ValueError(f"expected 64 hex characters (a raw Ed25519 public key); {MAKE_CLOUD_KEY}")
         return v
 
-    def trust_problems(self) -> list[tuple[str, str]]:
+    def trust_problems(self, *, pinned: bool = False) -> list[tuple[str, str]]:
         """(dotted key, message) for each way this uplink would trust what it must not.
 
-        `load_config` reports them (so `edge check-config` and `edge run` refuse the file with exit
-        2) and the uplink refuses to start with any (for configs built in code).
+        `pinned`: the state folder's cloud_keys.json holds a cloud key (`edge enroll` pinned it),
+        which stands in for `cloud_public_key`. `load_config` reports them (so `edge
+        check-config` and `edge run` refuse the file with exit 2) and the uplink refuses to start
+        with any (for configs built in code).
         """
         if not self.enabled:
             return []
         out: list[tuple[str, str]] = []
-        if self.cloud_public_key is None and not self.insecure_unsigned_acks:
+        if self.cloud_public_key is None and not pinned and not self.insecure_unsigned_acks:
             out.append(("uplink.cloud_public_key", "is required while the uplink is enabled: only acks "
-                        f"signed by the cloud delete buffered data; {MAKE_CLOUD_KEY} (for a lab without "
-                        "one: uplink.insecure_unsigned_acks: true)"))
+                        f"signed by the cloud delete buffered data; {MAKE_CLOUD_KEY}, or run edge enroll "
+                        "--config FILE --token TOKEN to pin the cloud's keys (for a lab without one: "
+                        "uplink.insecure_unsigned_acks: true)"))
         if self.broker == "auto" and self.tls.ca_file is None:
             out.append(("uplink.tls.ca_file", "is required with broker: auto: a discovered broker's "
                         "certificate must come from the store's own CA, never the system CA store"))
@@ -303,6 +306,9 @@ class Health(Model):
     # /healthz says 503 and `edge status` ALARM when sealed batches wait this long without a
     # valid ack (refused acks, e.g. a wrong uplink.cloud_public_key, or none at all)
     ack_timeout_alarm: Duration = Field(default=600.0, gt=0)
+    # downlink-v1 §Desired state: a config change must leave every component it touched healthy
+    # within this long, or the device returns to the previous effective configuration
+    apply_grace: Duration = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -321,6 +327,18 @@ class Health(Model):
         return split_host_port(self.listen)
 
 
+class Downlink(Model):
+    """Fleet management from the cloud (downlink-v1): desired config layers, signed commands,
+    consent shards, reported state. It shares the uplink's MQTT session, so it runs only while
+    `uplink.enabled`; not remotely settable (a layer cannot switch the channel it came by off)."""
+
+    enabled: bool = True
+    # messages (desired layers, consent shards, commands) waiting to be handled; beyond, dropped and counted
+    queue_max: int = Field(default=512, ge=16, le=65536)
+    # `reported` is published on every change and at least this often while connected (spec: <= 60s)
+    report_interval: Duration = Field(default=60.0, gt=0, le=60)
+
+
 class Logging(Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -335,6 +353,7 @@ class Config(Model):
     drivers: Drivers = Field(default_factory=Drivers)
     health: Health = Field(default_factory=Health)
     logging: Logging = Field(default_factory=Logging)
+    downlink: Downlink = Field(default_factory=Downlink)
     analytics: Analytics = Field(default_factory=Analytics)
 
     @model_validator(mode="after")
@@ -349,6 +368,17 @@ class Config(Model):
     @property
     def buffer_path(self) -> Path:
         return self.paths.state_dir / self.buffer.file
+
+    @property
+    def downlink_active(self) -> bool:
+        """The downlink runs: enabled, over an enabled uplink."""
+        return self.downlink.enabled and self.uplink.enabled
+
+    @property
+    def cloud_consent(self) -> bool:
+        """Consent of stable pseudonyms comes from the cloud's shards (downlink-v1 §Consent); a
+        store with `privacy.consent_file` (or without a downlink) keeps its file."""
+        return self.downlink_active and self.privacy.consent_file is None
 
 
 __all__ = ["IDENT_CLASSES", "ID_PATTERN", "Ble", "Config", "Model", "Nfc", "PosLink", "SimRate", "SpecId"]

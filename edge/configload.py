@@ -86,6 +86,13 @@ def load_model(
         node, data = _parse(where, needs)
     except _Unusable as exc:
         raise ConfigError(where, [str(exc)]) from None
+    return _validate(where, node, data, model, context=context, checks=checks)
+
+
+def _validate(
+    where: str, node: yaml.Node, data: Any, model: type[M], *, context: dict[str, Any] | None,
+    checks: Checks | None,
+) -> M:
     problems = _duplicates(node, (), where)
     try:
         cfg = model.model_validate(data, context=context)
@@ -96,6 +103,27 @@ def load_model(
     if problems:
         raise ConfigError(where, [text for _, text in sorted(problems, key=lambda p: p[0])])
     return cfg
+
+
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """The config file as parsed from YAML, not validated (the base of downlink-v1's effective
+    configuration); ConfigError when it cannot be read or parsed."""
+    try:
+        return _parse(str(path))[1]
+    except _Unusable as exc:
+        raise ConfigError(str(path), [str(exc)]) from None
+
+
+def validate_config_data(data: dict[str, Any], *, where: str, base: Path) -> Config:
+    """`data` (a merged configuration) validated as `load_config` validates a file (trust rules
+    included), relative paths resolved against `base` (the config file's folder); ConfigError
+    whose problems read `{where}:{line}: key.path: ...`, lines of `data` dumped as YAML."""
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    node = yaml.compose(text, Loader=_Loader)
+    if node is None or not isinstance(data, dict):
+        raise ConfigError(where, [f"{where}:1: the configuration is empty: {_NEEDS}"])
+    cfg = _validate(where, node, data, Config, context={"placeholders": False}, checks=_trust)
+    return _resolve_paths(cfg, base)
 
 
 def _parse(where: str, needs: str = _NEEDS) -> tuple[yaml.Node, dict[str, Any]]:
@@ -160,8 +188,14 @@ def _duplicates(node: yaml.Node, loc: Loc, where: str) -> list[Problem]:
 
 def _trust(cfg: Config, where: str, root: yaml.Node) -> list[Problem]:
     """The uplink's trust rules (edge.config.Uplink.trust_problems), each at its key's line."""
+    from edge.downlink.trust import pinned_kids
+
     out: list[Problem] = []
-    for key, msg in cfg.uplink.trust_problems():
+    state_dir = cfg.paths.state_dir
+    if not state_dir.is_absolute():  # paths are resolved after the checks: resolve this one here
+        state_dir = Path(os.path.normpath(Path(os.path.abspath(where)).parent / state_dir))
+    pinned = cfg.uplink.enabled and cfg.uplink.cloud_public_key is None and bool(pinned_kids(state_dir))
+    for key, msg in cfg.uplink.trust_problems(pinned=pinned):
         line = _locate(root, tuple(key.split(".")))
         out.append((line, f"{where}:{line}: {key}: {msg}"))
     return out
@@ -351,7 +385,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
                                               "keys_dir": rel(cfg.paths.keys_dir)}),
         "privacy": cfg.privacy.model_copy(update={"consent_file": rel(cfg.privacy.consent_file)}),
         "uplink": cfg.uplink.model_copy(update={"tls": tls.model_copy(update={
-            "ca_file": rel(tls.ca_file), "cert_file": rel(tls.cert_file), "key_file": rel(tls.key_file)})}),
+            "ca_file": rel(tls.ca_file), "cert_file": rel(tls.cert_file), "key_file": rel(tls.key_file)}),
+            "auth": cfg.uplink.auth.model_copy(update={"password_file": rel(cfg.uplink.auth.password_file)})}),
         "health": cfg.health.model_copy(update={"tls": htls.model_copy(update={
             "cert_file": rel(htls.cert_file), "key_file": rel(htls.key_file)})}),
     })
@@ -378,10 +413,13 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"buffer     at most {format_size(b.max_bytes)}" + f" / {b.max_events} events" * bool(b.max_events)
         + f"; when full: {b.when_full}; priority {' > '.join(b.priorities)}",
         f"{pad}retention " + ", ".join(f"{src} {format_duration(s)}" for src, s in b.retention.items()),
-        f"uplink     {u.broker} (prefix {u.prefix})" if u.enabled else "uplink     disabled",
+        (f"uplink     {u.broker} (prefix {u.prefix})" + (f"; downlink on, apply grace "
+                                                          f"{format_duration(cfg.health.apply_grace)}"
+                                                          if cfg.downlink_active else "; downlink off"))
+        if u.enabled else "uplink     disabled",
         f"{pad}TLS: off" if u.broker.startswith("mqtt://") else f"{pad}TLS: {tls}",
         f"{pad}window {u.window} batches, ack timeout {format_duration(u.ack_timeout)}, "
-        f"acks {'signed by the cloud key' if u.cloud_public_key else 'UNSIGNED (insecure_unsigned_acks: lab only)'}",
+        f"acks {_ack_trust(cfg)}",
         *[("drivers    " if n == 0 else pad) + line for n, line in enumerate(drivers or ["none enabled"])],
         f"privacy    {', '.join(classes[:3])}",
         f"{pad}{', '.join(classes[3:])}",
@@ -391,6 +429,17 @@ def summarize(cfg: Config, path: str | Path) -> str:
         f"logging    {cfg.logging.level}, format {cfg.logging.format}",
     ]
     return "\n".join(lines)
+
+
+def _ack_trust(cfg: Config) -> str:
+    from edge.downlink.trust import pinned_kids
+
+    pinned = pinned_kids(cfg.paths.state_dir)
+    if cfg.uplink.cloud_public_key:
+        return "signed by the cloud key" + (f" (or pinned {', '.join(pinned)})" if pinned else "")
+    if pinned:
+        return f"signed by a pinned cloud key ({', '.join(pinned)}; edge enroll)"
+    return "UNSIGNED (insecure_unsigned_acks: lab only)"
 
 
 def _health_line(cfg: Config) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,16 +28,24 @@ from edge.preflight import startup_problems, state_dir_problems
 from edge.statelock import StateLock, StateLocked
 from edge.supervisor import RESTART_EXIT, ComponentFactory, Supervisor, install_signal_handlers
 
+if TYPE_CHECKING:
+    from edge.downlink.desired import Boot
+
 
 def components_for(
-    cfg: Config, liveness: Liveness | None = None, config_path: str | None = None
+    cfg: Config, liveness: Liveness | None = None, config_path: str | None = None, boot: Boot | None = None
 ) -> list[ComponentFactory]:
-    """The optional components after the pipeline, in start order: uplink, health, advertise."""
+    """The optional components after the pipeline, in start order: uplink, downlink (with `boot`,
+    the persisted desired layers `edge run` started with), health, advertise."""
     factories: list[ComponentFactory] = []
     if cfg.uplink.enabled:
         from edge.uplink.service import uplink_component
 
         factories.append(uplink_component)
+    if cfg.downlink_active and boot is not None and config_path is not None:
+        from edge.downlink.component import downlink_component
+
+        factories.append(downlink_component(config_path, boot))
     if cfg.health.enabled and liveness is not None:
         from edge.health import health_component
 
@@ -55,9 +64,13 @@ async def run_daemon(
     notifier: Notifier | None = None,
     clock: Clock | None = None,
     extra_components: Sequence[ComponentFactory] = (),
-    cloud_consent: bool = False,
+    cloud_consent: bool | None = None,
+    boot: Boot | None = None,
 ) -> bool:
-    """Run until stopped; True when the stop was a requested restart (the `restart` command)."""
+    """Run until stopped; True when the stop was a requested restart (the `restart` command, an
+    applied config layer). `cloud_consent` None: `cfg.cloud_consent` when there is a downlink."""
+    if cloud_consent is None:
+        cloud_consent = cfg.cloud_consent and boot is not None
     clock = clock or SystemClock()
     notifier = notifier or Notifier.from_env()
     stop = asyncio.Event()
@@ -65,7 +78,7 @@ async def run_daemon(
     link = ServiceLink(notifier, clock, liveness, stop, drain_timeout=cfg.health.drain_timeout)
     install_signal_handlers(stop, on_signal=link.on_signal)
     sup = Supervisor(
-        cfg, clock, components=[*components_for(cfg, liveness, config_path), *extra_components],
+        cfg, clock, components=[*components_for(cfg, liveness, config_path, boot), *extra_components],
         config_path=config_path, on_ready=link.ready, cloud_consent=cloud_consent,
     )
     try:
@@ -94,6 +107,12 @@ def run_main(config_path: str) -> int:
         print(f"edge: {exc}", file=sys.stderr)
         return 2
     try:
+        boot = None
+        if cfg.downlink_active:  # the persisted desired layers over the file (edge/downlink/desired.py)
+            from edge.downlink.desired import boot_config
+
+            boot = boot_config(config_path, cfg)
+            cfg = boot.effective.cfg
         configure_logging(cfg.logging.level, cfg.logging.format)
         capture_uncaught()
         log = structlog.get_logger("edge.daemon")
@@ -101,16 +120,18 @@ def run_main(config_path: str) -> int:
         if problems:  # the lines go to stderr (edge.cli); the journal's JSON gets the event too
             log.error("startup_failed", component="preflight", problems=problems)
             raise ConfigError(config_path, problems)
-        return _run_locked(cfg, config_path, no_core, log)
+        return _run_locked(cfg, config_path, no_core, log, boot)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: Config, config_path: str, no_core: bool, log: structlog.typing.FilteringBoundLogger) -> int:
+def _run_locked(
+    cfg: Config, config_path: str, no_core: bool, log: structlog.typing.FilteringBoundLogger, boot: Boot | None
+) -> int:
     if not no_core:
         log.warning("core_dumps_not_disabled", hint="set LimitCORE=0 in the unit or ulimit -c 0")
     try:
-        restart = asyncio.run(run_daemon(cfg, config_path))
+        restart = asyncio.run(run_daemon(cfg, config_path, boot=boot))
     except StartupError as exc:
         log.error("startup_failed", component=exc.component, error=str(exc))
         print(f"edge: {exc}", file=sys.stderr)

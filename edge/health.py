@@ -248,6 +248,7 @@ class EdgeCollector(Collector):
         yield from self._pipeline(s)
         yield from self._drivers(s)
         yield from self._uplink(s)
+        yield from self._downlink(s)
 
     def _buffer(self, s: Snapshot) -> Iterator[Metric]:
         st = s.stats
@@ -341,6 +342,34 @@ class EdgeCollector(Collector):
                                   value=float(up.get("connects") or 0))
         yield GaugeMetricFamily("edge_uplink_ack_alarm", "1 while sealed batches wait longer than "
                                 "health.ack_timeout_alarm without a valid ack", value=int(s.ack_alarm is not None))
+
+
+    def _downlink(self, s: Snapshot) -> Iterator[Metric]:
+        dl = s.components.get("downlink")
+        if dl is None:
+            return
+        yield CounterMetricFamily("edge_downlink_received", "messages received on the downlink topics",
+                                  value=float(dl.get("received") or 0))
+        acc = CounterMetricFamily("edge_downlink_accepted", "verified documents by kind", labels=["kind"])
+        for kind, n in sorted((dl.get("accepted") or {}).items()):
+            acc.add_metric([kind], float(n))
+        yield acc
+        drop = CounterMetricFamily("edge_downlink_dropped", "downlink messages dropped (never applied), by "
+                                   "reason", labels=["reason"])
+        for reason, n in sorted((dl.get("dropped") or {}).items()):
+            drop.add_metric([reason], float(n))
+        yield drop
+        desired = dl.get("desired") or {}
+        ver = GaugeMetricFamily("edge_downlink_layer_version", "desired config layer ver applied (0: none)",
+                                labels=["layer"])
+        for layer, v in sorted((desired.get("layers") or {}).items()):
+            ver.add_metric([layer], float(v))
+        yield ver
+        outcomes = CounterMetricFamily("edge_downlink_desired", "desired layers by outcome in this run",
+                                       labels=["outcome"])
+        for outcome in ("applied", "rejected", "rolled_back", "stale"):
+            outcomes.add_metric([outcome], float(desired.get(outcome) or 0))
+        yield outcomes
 
 
 def _process() -> Iterator[Metric]:

@@ -71,6 +71,10 @@ class NormalizeStage:
         self._wall_ms = clock.wall_ms
         self._types: set[str] = set()  # event types already checked (a driver has a handful)
 
+    def set_parsers(self, receipt_parsers: Mapping[str, ReceiptParser]) -> None:
+        """New receipt rules (a POS link reconfigured while running), from the next reading on."""
+        self._parsers = dict(receipt_parsers)
+
     def __call__(self, r: Reading) -> Reading:
         typ = r.type
         if typ in self._types:
@@ -116,6 +120,11 @@ class Pipeline:
         self._run = _compose([_direct(s) for s in self._pre], _direct(privacy))
         self.accepted: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+
+    def set_receipt_parsers(self, receipt_parsers: Mapping[str, ReceiptParser]) -> None:
+        for stage in self._pre:
+            if isinstance(stage, NormalizeStage):
+                stage.set_parsers(receipt_parsers)
 
     def process(self, r: Reading) -> Pending | None:
         """Apply every stage; None when a stage rejected the reading."""

@@ -36,6 +36,11 @@ def collect_status(config_path: str) -> dict[str, Any]:
         except (OSError, ValueError):
             doc["runtime"] = {"state": "unknown"}
     doc["page"] = _page(cfg, doc["runtime"])
+    doc["downlink"] = None
+    if cfg.downlink_active:
+        from edge.downlink.desiredfile import read_summary
+
+        doc["downlink"] = read_summary(cfg.paths.state_dir)
     doc["ack_alarm"] = None
     if cfg.uplink.enabled and doc["buffer"] is not None:
         b, rt_doc = doc["buffer"], doc["runtime"] or {}
@@ -88,10 +93,11 @@ def _render(doc: dict[str, Any]) -> str:
         for name, c in (rt.get("components") or {}).items():
             where = c.get("listen") or c.get("service") or c.get("broker")
             lines.append(f"{name:<11} {c.get('state', '?')}" + (f" ({where})" if where else ""))
-            if name == "uplink":
-                lines += _uplink_lines(c)
+            lines += _uplink_lines(c) if name == "uplink" else _dropped_line(c) if name == "downlink" else []
     else:
         lines.append("daemon      not running (no runtime status)")
+    if doc.get("downlink"):
+        lines += _downlink_lines(doc["downlink"])
     if doc.get("page"):
         lines.append(_page_line(doc["page"]))
     clk = doc.get("clock")
@@ -119,6 +125,28 @@ def _render(doc: dict[str, Any]) -> str:
     ago = f"{format_duration(max(0.0, (now - last_ack) / 1000))} ago" if last_ack else "never"
     lines.append(f"last ack    {ago}")
     return "\n".join(lines)
+
+
+def _dropped_line(c: dict[str, Any]) -> list[str]:
+    dropped = c.get("dropped") or {}
+    shown = ", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items()))
+    return [f"{' ' * 12}dropped (not applied): {shown}"] if dropped else []
+
+
+def _downlink_lines(d: dict[str, Any]) -> list[str]:
+    """Config layers from the cloud (downlink-v1): ver per layer, effective hash, last apply."""
+    layers = d.get("layers") or {}
+    out = ["layers      " + ", ".join(f"{k} {layers.get(k, 0)}" for k in ("tenant", "store", "device"))
+           + f"; effective {d.get('effective') or '?'}"]
+    a = d.get("apply")
+    if a:
+        line = f"last apply  {a.get('state')}: {a.get('layer')} layer ver {a.get('ver')}"
+        errors = a.get("errors") or []
+        out.append(line + (f": {'; '.join(errors[:5])}" if errors else ""))
+        out += [f"{' ' * 12}... and {len(errors) - 5} more"] * (len(errors) > 5)
+    if d.get("trial"):
+        out.append(f"{' ' * 12}a change is being tried (health.apply_grace)")
+    return out
 
 
 def _page_line(page: dict[str, Any]) -> str:

@@ -19,10 +19,10 @@ import json
 import os
 import signal
 import sqlite3
-from collections.abc import Awaitable, Callable, Container, Sequence
+from collections.abc import Awaitable, Callable, Collection, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -35,13 +35,15 @@ from edge.analytics.wiring import build_analytics, driver_config
 from edge.buffer import Buffer
 from edge.clock import Clock
 from edge.config import Config
-from edge.downlink.consent import ConsentSync
 from edge.errors import EdgeError, StartupError
 from edge.pipeline import Pipeline, Sink, build_pipeline
 from edge.privacy.consent import ConsentList
 from edge.privacy.keys import KeyStore
 from edge.privacy.pseudonym import Pseudonymizer
 from edge.privacy.stage import PrivacyStage
+
+if TYPE_CHECKING:  # imported when used: it pulls edge.wire and so cryptography (~6 MiB of RSS)
+    from edge.downlink.consent import ConsentSync
 
 log = structlog.get_logger("edge.supervisor")
 
@@ -92,6 +94,8 @@ class Runtime:
         self.consent_sync: ConsentSync | None = None
         # `restart` command: drain and stop, then exit with RESTART_EXIT for the service manager
         self.request_restart: Callable[[], None] = lambda: None
+        # a config change to drivers only (edge/downlink/desired.py): restart just those drivers
+        self.reconfigure_drivers: Callable[[Config, Collection[str]], Awaitable[None]] | None = None
 
 
 def open_keys(cfg: Config, clock: Clock, config_path: str | None = None) -> KeyStore:
@@ -205,6 +209,8 @@ class Supervisor:
     def _consent(self) -> tuple[Container[str] | None, ConsentSync | None]:
         """The consent list the privacy layer consults: the cloud's shards, the file, or none."""
         if self._cloud_consent:
+            from edge.downlink.consent import ConsentSync
+
             try:
                 sync = ConsentSync(self.cfg.paths.state_dir)
             except (sqlite3.Error, OSError) as exc:
@@ -218,6 +224,7 @@ class Supervisor:
     async def _attach(self, rt: Runtime, analytics: StoreAnalytics | None, sync: ConsentSync | None) -> None:
         rt.analytics = analytics
         rt.request_restart = self.request_restart
+        rt.reconfigure_drivers = self.reconfigure_drivers
         if sync is not None:
             sync.bind(rt.buffer)
             rt.consent_sync = sync
@@ -226,6 +233,44 @@ class Supervisor:
             except Exception as exc:  # the purge stays pending for the next start; ingest must start
                 log.error("consent_resume_failed", error=type(exc).__name__)
         self.runtime = rt
+
+    async def reconfigure_drivers(self, cfg: Config, names: Collection[str]) -> None:
+        """Run with `cfg` (changed in `drivers` only): the drivers named in `names` are stopped
+        (what they had in the pipeline is lost uncommitted, as on a stop; nothing committed is
+        touched) and those of them `cfg` still has start again with it; the rest keep running.
+        POS receipt rules follow `cfg` from the next reading on."""
+        rt = self.runtime
+        if rt is None:
+            raise RuntimeError("reconfigure_drivers() before run() started")
+        wanted = set(names)
+        old = [d for d in rt.drivers if d.name in wanted]
+        tasks = [t for t in self._driver_tasks if t.get_name() in {f"driver:{d.name}" for d in old}]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        for d in old:
+            with contextlib.suppress(Exception):
+                await bounded(d.aclose(), 2.0)
+            rt.pumps.pop(d.name, None)
+        self._driver_tasks[:] = [t for t in self._driver_tasks if t not in tasks]  # run() holds this list
+        rt.drivers = [d for d in rt.drivers if d.name not in wanted]
+        rt.pipeline.set_receipt_parsers(receipt_parsers(cfg.drivers.pos))
+        rt.cfg = self.cfg = cfg
+        dcfg = driver_config(cfg)
+        if self._driver_factory is not None:
+            fresh = list(self._driver_factory(dcfg, self.clock))
+        else:
+            from drivers.registry import build_drivers
+
+            fresh = list(build_drivers(dcfg, self.clock))
+        for d in fresh:
+            if d.name in wanted:  # the others were built only to pick these out (not opened)
+                rt.drivers.append(d)
+                progress = rt.pumps[d.name] = PumpProgress()
+                task = asyncio.create_task(_pump(d, rt.pipeline, progress), name=f"driver:{d.name}")
+                self._driver_tasks.append(task)
+        log.info("drivers_reconfigured", drivers=sorted(wanted))
 
     async def stop_drivers(self) -> int:
         """Stop reading from devices and commit what is in flight; the rest keeps running.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything store-edge needs on a fresh Debian 12 / Raspberry Pi OS bookworm machine:
 # Debian packages (when missing), a virtualenv in .venv and the project installed into it.
-# Usage: scripts/bootstrap.sh [runtime|test]   (idempotent; fast when already done)
+# Usage: scripts/bootstrap.sh [runtime|cloud|test]   (idempotent; fast when already done)
+# runtime: the edge; cloud: also edge-cloud's extra and PostgreSQL (the fleet demo); test: everything
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-runtime}"
@@ -14,6 +15,8 @@ if [ "$mode" = test ]; then
   apt_pkgs+=(systemd)  # systemd-analyze verify/security and systemd-sysusers for the unit checks
   apt_pkgs+=(chromium)  # the store page is tested in Debian's headless Chromium (Playwright never downloads one)
   apt_pkgs+=(postgresql)  # a real PostgreSQL for the cloud tests (they run their own cluster, not the service)
+elif [ "$mode" = cloud ]; then
+  apt_pkgs+=(postgresql)  # edge-cloud up runs its own cluster with Debian's binaries, not the service
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -40,6 +43,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   if [ "$mode" = test ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
+  elif [ "$mode" = cloud ]; then
+    .venv/bin/python -m pip install -q -e '.[cloud]'
   else
     .venv/bin/python -m pip install -q -e .
   fi

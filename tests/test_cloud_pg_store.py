@@ -192,3 +192,39 @@ def test_a_connection_lost_inside_a_group_is_a_failed_commit_and_no_ok_ack_leave
     assert result.acks == []
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM batches").fetchone() == (0,)
+
+
+def test_a_day_partition_another_worker_creates_meanwhile_is_not_an_error(pg_dsn: str) -> None:
+    """Two workers needing the same new day: the second waits for the first's advisory lock, and
+    its second look at the catalog predates the first's commit. The partition exists: no error
+    (seen with two workers on a fresh database: a group failed DuplicateTable and was redelivered)."""
+    import datetime as dt
+    import threading
+    import time
+
+    migrate(pg_dsn)
+    day = dt.date(2031, 5, 17)
+    store = PgStore(pg_dsn)
+    store.open()
+    errors: list[BaseException] = []
+    try:
+        with psycopg.connect(pg_dsn) as first:  # the other worker, inside its transaction
+            first.execute("SELECT edge_event_partition(%s)", (day,))
+
+            def second() -> None:
+                try:
+                    with psycopg.connect(pg_dsn) as txn:
+                        store.ensure_days({day}, txn, wrote=False)
+                except BaseException as exc:  # reported by the assertion below
+                    errors.append(exc)
+
+            t = threading.Thread(target=second)
+            t.start()
+            time.sleep(0.5)  # the second waits on the advisory lock (its lock_timeout is 2 s)
+            first.commit()
+            t.join(10)
+    finally:
+        store.close()
+    assert errors == []
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT to_regclass('events_20310517') IS NOT NULL").fetchone() == (True,)

@@ -22,6 +22,8 @@ import nats
 import psycopg
 import pytest
 
+from cloud.db.migrate import migrations
+
 pytestmark = pytest.mark.cloud
 
 CLI = [sys.executable, "-m", "cloud.cli"]
@@ -76,7 +78,7 @@ def test_up_down_round_trip(cloud_dir: Path) -> None:
     assert info2["stores"]["t1/s1"] == info["stores"]["t1/s1"]
 
     with psycopg.connect(info["postgres_dsn"]) as conn:
-        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (1,)
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (len(migrations()),)
     admin = f"nats://admin:{info['users']['admin']}@" + info["nats_urls"][0].removeprefix("nats://")
     cred = info2["stores"]["t1/s1"]
     asyncio.run(_check_nats([admin], info["mqtt_urls"][1], cred["user"], cred["password"]))
@@ -95,7 +97,7 @@ def test_up_down_round_trip(cloud_dir: Path) -> None:
     back = _run("up", "--dir", str(cloud_dir), "--json")
     assert back.returncode == 0, back.stderr
     with psycopg.connect(json.loads(back.stdout)["postgres_dsn"]) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (len(migrations()),)
 
 
 def test_down_of_an_empty_folder_and_up_with_a_bad_store_are_clear(tmp_path: Path) -> None:

@@ -234,3 +234,38 @@ def test_cli_refuses_a_malformed_cloud_public_key(tmp_path: Path, capsys: pytest
                        "--cloud-public-key", "abcd"])  # fmt: skip
     assert code == 2
     assert "64 hex" in capsys.readouterr().err
+
+
+@pytest.mark.cloud
+async def test_against_the_chain_cloud_keys_go_to_the_postgresql_registry_and_devices_log_in_as_their_store(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    import psycopg
+
+    from cloud.db.migrate import migrate
+    from cloud.db.registry import list_devices
+    from cloud.fleetsim import device_config
+
+    migrate(pg_dsn)
+    password = tmp_path / "pw"
+    password.write_text("secret")
+    creds = {f"store-{i:04d}": (f"acme.store-{i:04d}", password) for i in (1, 2, 3)}
+    fleet = Fleet(spec(tmp_path, "mqtt://127.0.0.1:1", "00" * 32, devices=3, registry_dsn=pg_dsn, credentials=creds))
+    await fleet.open()
+    try:
+        with psycopg.connect(pg_dsn) as conn:
+            rows = list_devices(conn, tenant="acme")
+        assert [(r.store, r.device, r.state) for r in rows] == [
+            (f"store-{i:04d}", f"edge-{i:04d}", "active") for i in (1, 2, 3)]
+        assert {r.kid for r in rows} == {d.rt.keys.kid() for d in fleet.devices}
+        assert not (tmp_path / "keys").exists()  # not in the file layout as well
+        await fleet.close()
+        fleet = Fleet(fleet.spec)
+        await fleet.open()  # a second run registers the same keys again: idempotent
+        with psycopg.connect(pg_dsn) as conn:
+            assert len(list_devices(conn, tenant="acme")) == 3
+    finally:
+        await fleet.close()
+    auth = device_config(fleet.spec, 2).uplink.auth
+    assert auth is not None
+    assert (auth.username, auth.password_file) == ("acme.store-0002", password)

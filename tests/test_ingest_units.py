@@ -39,6 +39,7 @@ def test_the_shipped_config_loads_with_its_documented_defaults() -> None:
     assert (cfg.backoff.initial, cfg.backoff.max) == (0.5, 5.0)
     assert (cfg.metrics.host, cfg.metrics.port) == ("127.0.0.1", 9310)
     assert cfg.cloud_key == Path("/run/credentials/edge-cloud-ingest.service/cloud-key")
+    assert cfg.token_key == Path("/run/credentials/edge-cloud-ingest.service/token-key")
     assert cfg.limits.max_payload == 4 * 256 * 1024 + 4096
 
 

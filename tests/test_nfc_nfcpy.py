@@ -215,7 +215,12 @@ async def test_emulator_process_vanishing_and_reappearing_is_a_lift_and_a_new_ta
             await asyncio.to_thread(proc.wait)
             assert proc.stdout is not None
             proc.stdout.close()
-    assert [r.data["kind"] for r in got] == ["loyalty", "loyalty"]
+    # the tap after the comeback is read whole; the first one may be read as `unknown` when the
+    # machine is loaded (nfcpy gives no NDEF for a read that timed out: seen once on a busy CI run;
+    # re-reading made the weekend-offline HIL scenario count taps twice, so the driver does not)
+    assert len(got) == 2
+    assert got[0].data["kind"] in ("loyalty", "unknown")
+    assert got[1].data["kind"] == "loyalty"
     assert driver.status()["errors"] == 0
 
 

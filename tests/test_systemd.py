@@ -104,7 +104,7 @@ def test_ingest_unit_runs_the_worker_as_its_own_user_hardened_with_its_secrets_a
         assert values(unit, key) == [want], key
     assert set(" ".join(values(unit, "RestrictAddressFamilies")).split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     creds = {v.split(":", 1)[0] for v in values(unit, "LoadCredential")}
-    assert creds == {"nats-password", "pg-password", "cloud-key"}
+    assert creds == {"nats-password", "pg-password", "cloud-key", "token-key"}
     # the shipped config reads exactly those credentials
     shipped = (ROOT / "config" / "cloud.yaml").read_text()
     for name in creds:

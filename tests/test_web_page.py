@@ -218,7 +218,9 @@ async def test_the_page_renders_every_chart_with_data_and_no_console_errors(tmp_
         assert "running" in drivers
         assert "Waiting to send" in await page.inner_text("#buffer")
         assert "disabled" in await page.inner_text("#uplink")
-        assert str(config_file) in await page.inner_text("#config")
+        config_text = await page.inner_text("#config")
+        assert str(config_file) in config_text
+        assert "layers" not in config_text.lower()  # none applied yet: the local file only
         assert await page.inner_text("#store-name") == "Store s001"
         assert await page.inner_text("#overall") == "All good"
         shot = Path(os.environ.get("EDGE_PAGE_SCREENSHOT") or tmp_path / "page.png")

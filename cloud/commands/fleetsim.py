@@ -39,7 +39,12 @@ def register(sub: Any) -> None:
                        description=DESCRIPTION)  # fmt: skip
     p.add_argument("--devices", required=True, type=_positive_int, metavar="N", help="devices (one per store)")
     p.add_argument("--events", required=True, type=_positive_int, metavar="M", help="events per device")
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL", help="mqtt://host:port")
+    p.add_argument("--broker", default=None, metavar="URL",
+                   help="mqtt://host:port (default mqtt://127.0.0.1:1883; with --cloud-dir its first node)")
+    p.add_argument("--cloud-dir", type=Path, metavar="DIR",
+                   help="a local chain cloud (edge-cloud up --dir DIR): adds the simulated stores to it, "
+                        "registers the device keys in its PostgreSQL registry and logs each device in with "
+                        "its store's MQTT credentials")  # fmt: skip
     p.add_argument("--prefix", default="edge/v1", metavar="P", help="topic prefix (uplink.prefix)")
     p.add_argument("--tenant", default="sim", metavar="T", help="tenant id; stores are store-0001, ...")
     p.add_argument("--state", default=Path("fleet-sim"), type=Path, metavar="DIR",
@@ -79,16 +84,50 @@ def _cloud_public(args: argparse.Namespace) -> str:
     return text
 
 
+def chain_cloud(cloud_dir: Path, state: Path, tenant: str, devices: int, prefix: str, *,
+                broker: str | None = None) -> tuple[str, str, dict[str, tuple[str, Path]]]:  # fmt: skip
+    """Add the fleet's stores to the local cloud in `cloud_dir` (starting it if it is down) and write
+    each store's MQTT password to `state/credentials/<store>` (0600): (broker, PostgreSQL DSN,
+    store -> (user, password file)). `broker` defaults to the cloud's first MQTT listener."""
+    import os
+
+    from cloud.cluster.local import up
+    from cloud.fleetsim import FleetSpec
+
+    ids = FleetSpec(devices=devices, events=1, broker="", state=state, keys_dir=state, cloud_public_key="",
+                    tenant=tenant)  # fmt: skip
+    stores = [ids.ids(i)[1] for i in range(1, devices + 1)]
+    summary = up(cloud_dir, stores=[f"{tenant}/{s}" for s in stores], prefix=prefix).summary()
+    folder = state / "credentials"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    credentials: dict[str, tuple[str, Path]] = {}
+    for store in stores:
+        login = summary["stores"][f"{tenant}/{store}"]
+        path = folder / store
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(str(login["password"]))
+        credentials[store] = (str(login["user"]), path)
+    return broker or str(summary["mqtt_urls"][0]), str(summary["postgres_dsn"]), credentials
+
+
 def run(args: argparse.Namespace) -> int:
     from cloud.fleetsim import Fleet, FleetSpec, format_report
     from edge.logs import configure_logging
 
     configure_logging("warning", "console", sys.stderr)
+    broker = args.broker or "mqtt://127.0.0.1:1883"
+    registry_dsn: str | None = None
+    credentials: dict[str, tuple[str, Path]] | None = None
+    if args.cloud_dir is not None:
+        broker, registry_dsn, credentials = chain_cloud(args.cloud_dir, args.state, args.tenant, args.devices,
+                                                        args.prefix, broker=args.broker)  # fmt: skip
     spec = FleetSpec(
-        devices=args.devices, events=args.events, broker=args.broker, state=args.state,
+        devices=args.devices, events=args.events, broker=broker, state=args.state,
         keys_dir=args.keys_dir or args.state / "receiver-keys", cloud_public_key=_cloud_public(args),
         prefix=args.prefix, tenant=args.tenant, rate=args.rate, offline_first=args.offline_first,
-        timeout=args.timeout, synchronous=args.sync,
+        timeout=args.timeout, synchronous=args.sync, registry_dsn=registry_dsn, credentials=credentials,
     )  # fmt: skip
 
     async def main() -> int:
@@ -101,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         if args.init_only:
             await fleet.open()
             await fleet.close()
-            print(f"{len(fleet.devices)} device(s) ready in {spec.state}, keys registered in {spec.keys_dir}")
+            where = "PostgreSQL's registry" if spec.registry_dsn else spec.keys_dir
+            print(f"{len(fleet.devices)} device(s) ready in {spec.state}, keys registered in {where}")
             return 0
         report = await fleet.run(stop)
         print(json.dumps(report.as_dict()) if args.json else format_report(report))

@@ -3,8 +3,9 @@
 The process: load and check the config (exit 2 with every problem listed), read the secrets
 and the cloud key (exit 2 when unreadable), start the metrics listener, connect to NATS
 (forever, with backoff), then run its consumer loops as tasks of one TaskGroup: today the
-ingest loop (cloud/worker.py) and the consumer-lag poller. Another consumer of the same
-connection (e.g. the control stream's) is one more entry in `loops(...)`.
+ingest loop (cloud/worker.py), the control loop (cloud/control.py: enrollment requests, and the
+other edge -> cloud documents) and the consumer-lag poller. Another consumer of the same
+connection is one more entry in `loops(...)`.
 
 SIGTERM/SIGINT sets `stop`: no new fetch; the group in hand is committed, its device acks and
 JetStream acks sent; then the connection is drained and the process exits 0.
@@ -27,6 +28,7 @@ from edge.errors import ConfigError, KeyError_
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
+    from cloud.control import ControlLoop
     from cloud.ingest_config import IngestConfig
     from cloud.metrics import IngestMetrics
     from cloud.worker import IngestWorker
@@ -50,11 +52,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def loops(cfg: IngestConfig, nc: NATS, worker: IngestWorker, metrics: IngestMetrics,
-          stop: asyncio.Event) -> list[Coroutine[Any, Any, None]]:  # fmt: skip
+          stop: asyncio.Event, *, control: ControlLoop | None = None) -> list[Coroutine[Any, Any, None]]:  # fmt: skip
     """Every consumer loop this process runs on its one NATS connection."""
     from cloud.worker import poll_lag
 
-    return [worker.run(stop), poll_lag(nc, cfg, metrics, stop)]
+    out = [worker.run(stop), poll_lag(nc, cfg, metrics, stop)]
+    if control is not None:
+        out.append(control.run(stop))
+    return out
 
 
 async def ingest_main(config_path: str) -> int:
@@ -82,6 +87,9 @@ async def ingest_main(config_path: str) -> int:
 
 
 async def _serve(cfg: IngestConfig, stop: asyncio.Event) -> int:
+    from cloud.control import control_loop
+    from cloud.db.errors import DbError
+    from cloud.db.tokens import TokenKey
     from cloud.ingest_config import nats_password, postgres_dsn, redacted_target
     from cloud.keys import load_cloud_key
     from cloud.metrics import IngestMetrics, MetricsServer
@@ -92,7 +100,8 @@ async def _serve(cfg: IngestConfig, stop: asyncio.Event) -> int:
         password = nats_password(cfg)
         dsn = postgres_dsn(cfg)
         cloud_key = load_cloud_key(cfg.cloud_key)
-    except KeyError_ as exc:
+        token_key = None if cfg.token_key is None else TokenKey.load(cfg.token_key)
+    except (KeyError_, DbError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     metrics = IngestMetrics()
@@ -113,10 +122,12 @@ async def _serve(cfg: IngestConfig, stop: asyncio.Event) -> int:
         if nc is None:
             return 0
         worker = IngestWorker(cfg, nc=nc, dsn=dsn, cloud_key=cloud_key, clock=SystemClock(), metrics=metrics)
+        control = control_loop(cfg, nc, metrics, dsn=dsn, cloud_key=cloud_key, token_key=token_key,
+                               clock=SystemClock())  # fmt: skip
         failed: list[BaseException] = []
         try:
             async with asyncio.TaskGroup() as tg:
-                for coro in loops(cfg, nc, worker, metrics, stop):
+                for coro in loops(cfg, nc, worker, metrics, stop, control=control):
                     tg.create_task(coro)
         except* Exception as group:  # a bug in a loop: the others were cancelled; systemd restarts us
             failed.extend(group.exceptions)

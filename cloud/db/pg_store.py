@@ -103,6 +103,10 @@ class PgStore:
                 self._ddl.execute("SELECT edge_event_partition(%s)", (day,))
             except psycopg.errors.LockNotAvailable:  # another worker's long transaction holds events
                 txn.execute("SELECT edge_event_partition(%s)", (day,))
+            except psycopg.errors.DuplicateTable:
+                # another worker created it while this one waited for the function's advisory lock
+                # (whose second look at the catalog predates that commit): it exists, as wanted
+                pass
         self._days |= missing
 
 

@@ -54,6 +54,12 @@ class TrustedKeys(Protocol):
         ...
 
 
+def pinned_kids(state_dir: Path) -> list[str]:
+    """Kids of the keys `cloud_keys.json` adds (enrollment, cloud-key.add), minus the retired ones:
+    whether a device without `uplink.cloud_public_key` has a cloud key to verify acks with."""
+    return FileTrustedKeys(state_dir).kids()
+
+
 def _parse_pub(raw: bytes) -> Ed25519PublicKey:
     if len(raw) != 32:
         raise TrustError("a cloud key is 32 raw bytes (Ed25519 public key)")

@@ -249,9 +249,15 @@ class Pseudonymizer:
         lane = self._lanes.get(ident.cls)
         if lane is None or lane.stable is None:
             tenant = self._keys.tenant_key()
-            norm = NORMALIZERS.get(ident.cls)
-            if tenant is None or norm is None:
-                return None
-            mac = _Mac(tenant[1], ident.cls.encode() + b"\x00")
-            return f"{SHORT[ident.cls]}:s{tenant[0]}:{b32_16(mac.digest16(norm(ident.raw)))}"
+            return None if tenant is None else stable_pseudonym(ident, *tenant)
         return lane.stable_prefix + b32_16(lane.stable.digest16(lane.norm(ident.raw)))
+
+
+def stable_pseudonym(ident: Ident, tenant_kid: str, tenant_key: bytes) -> str | None:
+    """The stable pseudonym of `ident` under a tenant key (what every store of the tenant computes;
+    the cloud computes the same for its consent shards). None for a class never pseudonymized."""
+    norm = NORMALIZERS.get(ident.cls)
+    if norm is None:
+        return None
+    mac = _Mac(tenant_key, ident.cls.encode() + b"\x00")
+    return f"{SHORT[ident.cls]}:s{tenant_kid}:{b32_16(mac.digest16(norm(ident.raw)))}"

@@ -10,8 +10,10 @@
   anything above `MAX_ACK` before parsing and keeps at most `INBOUND_QUEUE` messages queued.
 - Keeps up to `uplink.window` batches in flight; a batch not acked within `ack_timeout`
   is published again (the stored bytes: byte-identical).
-- Trust (docs/security.md): an ack or rejection changes anything only when its signature by
-  `cloud_public_key` verifies (or, lab only, `insecure_unsigned_acks: true` and no key). Unsigned
+- Trust (docs/security.md): an ack or rejection changes anything only when its signature by a
+  trusted cloud key verifies: `cloud_public_key` and the keys `edge enroll` pinned in the state
+  folder's cloud_keys.json, minus retired ones (edge/downlink/trust.py); or, lab only,
+  `insecure_unsigned_acks: true` and no key at all. Unsigned
   and wrongly signed ones are counted and change nothing. A trusted ok=true whose seq AND hh match
   a batch it holds deletes that batch; a trusted `chain-broken` quarantines it (kept aside,
   reported, not resent); any other trusted rejection means "resend later": the batch stays in
@@ -20,6 +22,11 @@
 - Reconnects with capped, jittered exponential backoff; the cause of a failure is named
   (refused, untrusted CA, client certificate rejected, ...), not a bare timeout.
 - Optional bandwidth cap (bytes/s) for metered links.
+- The daemon's one MQTT session: another component (the downlink, edge/downlink/component.py)
+  registers topic filters with `add_inbound` and gets their messages through a callback that
+  must not block; they are subscribed (QoS 1) on every connect, and `publish` sends on the
+  session. Its `max_packet` raises the inbound cap above (MQTT 5 Maximum Packet Size, the 3.1.1
+  cap) for the whole session: acks are still dropped above `MAX_ACK` before parsing.
 """
 
 from __future__ import annotations
@@ -28,24 +35,26 @@ import asyncio
 import contextlib
 import json
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.aio import wait_event
 from edge.buffer import SealedBatch
+from edge.downlink.trust import FileTrustedKeys, TrustedKeys
 from edge.errors import EdgeError, WireError
 from edge.supervisor import Runtime
 from edge.uplink.batcher import Batcher
 from edge.uplink.clientid import client_id
 from edge.uplink.connect import ConnectParams, connect_params, diagnose_connect_error, explain_connect_error
 from edge.uplink.inbound import cap_inbound
-from edge.uplink.wire import MAX_ACK, REASONS, ack_topic, batch_topic, parse_ack, status_topic, verify_ack
+from edge.uplink.wire import MAX_ACK, REASONS, Ack, ack_topic, batch_topic, parse_ack, status_topic, verify_ack
 
 log = structlog.get_logger("edge.uplink")
 
@@ -54,6 +63,8 @@ UplinkState = Literal["starting", "connecting", "online", "backoff", "stopped"]
 # MQTT 5 Maximum Packet Size we announce: an ack (<= MAX_ACK) plus its topic and MQTT framing
 MAX_INBOUND_PACKET = 8192
 INBOUND_QUEUE = 256  # acks queued between the MQTT client and us; beyond, aiomqtt drops (logged)
+# with other subscriptions (the downlink's 256 retained consent shards arrive at once on subscribe)
+INBOUND_QUEUE_SHARED = 1024
 # CONNACK codes meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 132)
 _NO_V5 = frozenset({1, 132})
 
@@ -64,6 +75,16 @@ class UplinkTrustError(EdgeError):
 
 class UplinkOffline(EdgeError):
     """An action needs the broker session, and there is none."""
+
+
+@dataclass(slots=True, frozen=True)
+class Inbound:
+    """Topic filters another component receives on the uplink's session (see `Uplink.add_inbound`)."""
+
+    filters: tuple[str, ...]
+    handler: Callable[[str, bytes], None]
+    max_packet: int
+    on_connect: Callable[[], None] | None = None
 
 
 class TokenBucket:
@@ -89,7 +110,7 @@ class TokenBucket:
 class Uplink:
     name = "uplink"
 
-    def __init__(self, rt: Runtime, *, rng: random.Random | None = None) -> None:
+    def __init__(self, rt: Runtime, *, rng: random.Random | None = None, trust: TrustedKeys | None = None) -> None:
         self._rt = rt
         self._cfg = rt.cfg
         self._ucfg = rt.cfg.uplink
@@ -99,11 +120,11 @@ class Uplink:
         self._batch_topic = batch_topic(p, *self._ids)
         self._ack_topic = ack_topic(p, *self._ids)
         self._status_topic = status_topic(p, *self._ids)
-        self._cloud_key = (
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(self._ucfg.cloud_public_key))
-            if self._ucfg.cloud_public_key
-            else None
-        )
+        provisioned = [bytes.fromhex(self._ucfg.cloud_public_key)] if self._ucfg.cloud_public_key else []
+        # acks verify with any trusted cloud key: the provisioned one plus those pinned by `edge
+        # enroll` or added by `cloud-key.add`, minus the retired (asked per ack: changes apply live)
+        self._trust: TrustedKeys = trust if trust is not None else FileTrustedKeys(rt.cfg.paths.state_dir, provisioned)
+        self._last_kid: str | None = None  # the key that verified the last ack (tried first)
         self._batcher = Batcher(rt.cfg, rt.buffer, rt.keys, rt.clock)
         self._rng = rng or random.Random()
         self._bucket = TokenBucket(self._ucfg.bandwidth, rt.clock.monotonic) if self._ucfg.bandwidth else None
@@ -126,18 +147,58 @@ class Uplink:
             "inbound_refused": 0,
         }
         self.rejections: dict[str, int] = {}  # trusted rejections by reason (chain-broken included)
-        self.unsigned_acks_trusted = self._cloud_key is None
+        self.unsigned_acks_trusted = not self._trust.keys()
         self.last_ack_ms: int | None = None
         self._params: ConnectParams | None = None
         self._warned: set[str] = set()  # configuration warnings already logged (once, not per reconnect)
         self._connected = False  # a session is established (until it ends)
+        self._inbound: list[Inbound] = []
+        self._client: aiomqtt.Client | None = None  # the session's, while online
+
+    def add_inbound(self, filters: list[str], handler: Callable[[str, bytes], None], *, max_packet: int,
+                    on_connect: Callable[[], None] | None = None) -> None:
+        """Receive messages on `filters` (QoS 1, subscribed on every connect): `handler(topic,
+        payload)` is called on the event loop and must not block (queue and return). `max_packet`:
+        the largest inbound packet the session accepts for them. `on_connect` runs once the
+        session is online (after the subscriptions). Register before the uplink connects; a
+        late registration subscribes on the live session, its cap applies from the next one."""
+        sub = Inbound(tuple(filters), handler, max_packet, on_connect)
+        self._inbound.append(sub)
+        client = self._client
+        if client is not None:
+            if max_packet > self._inbound_cap():
+                log.warning("uplink_inbound_cap_until_reconnect", max_packet=max_packet)
+            task = asyncio.create_task(self._subscribe(client, [sub]), name="uplink:subscribe")
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    def _inbound_cap(self) -> int:
+        return max([MAX_INBOUND_PACKET, *(s.max_packet for s in self._inbound)])
+
+    async def _subscribe(self, client: aiomqtt.Client, subs: list[Inbound]) -> None:
+        for sub in subs:
+            for f in sub.filters:
+                await client.subscribe(f, qos=1)
+        for sub in subs:
+            if sub.on_connect is not None:
+                sub.on_connect()
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish on the session; UplinkOffline when there is none (nothing is queued)."""
+        client = self._client
+        if client is None or self.state != "online":
+            raise UplinkOffline("the uplink is not connected")
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=self._ucfg.ack_timeout)
+        except aiomqtt.MqttError as exc:
+            raise UplinkOffline(f"publish failed: {exc}") from exc
 
     # -- component protocol ---------------------------------------------------------
     async def start(self) -> None:
-        problems = self._ucfg.trust_problems()
+        problems = self._ucfg.trust_problems(pinned=bool(self._trust.keys()))
         if problems:
             raise UplinkTrustError("; ".join(f"{key} {msg}" for key, msg in problems))
-        if self._cloud_key is None:
+        if self.unsigned_acks_trusted:
             log.warning("uplink_acks_unsigned", hint="uplink.insecure_unsigned_acks is true: anyone who can "
                         "publish on the broker can make this box delete its data; set uplink.cloud_public_key")
         elif self._ucfg.insecure_unsigned_acks:
@@ -249,9 +310,10 @@ class Uplink:
         self._params = params
         offline = json.dumps({"state": "offline", "device": self._ids[2]}).encode()
         props: Properties | None = None
+        cap = self._inbound_cap()
         if self._v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho is untyped here
-            props.MaximumPacketSize = MAX_INBOUND_PACKET
+            props.MaximumPacketSize = cap
         client = params.client(
             identifier=self._client_id or "/".join(self._ids),
             will=aiomqtt.Will(self._status_topic, offline, qos=1, retain=True),
@@ -259,16 +321,21 @@ class Uplink:
             max_inflight_messages=max(20, self._ucfg.window * 2),
             protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
             properties=props,
-            max_queued_incoming_messages=INBOUND_QUEUE,
+            max_queued_incoming_messages=INBOUND_QUEUE_SHARED if self._inbound else INBOUND_QUEUE,
         )
         if not self._v5:  # MQTT 5 announces the cap in CONNECT; 3.1.1 needs it enforced here
-            cap_inbound(client, MAX_INBOUND_PACKET, self._inbound_refused)
+            cap_inbound(client, cap, self._inbound_refused)
         async with client:
             self._connected = True
             self.counters["connects"] += 1
             online = {"state": "online", "device": self._ids[2], "kid": self._rt.keys.kid()}
             await client.publish(self._status_topic, json.dumps(online).encode(), qos=1, retain=True)
             await client.subscribe(self._ack_topic, qos=1)
+            subs = list(self._inbound)
+            self._client = client  # a registration from now on subscribes itself
+            for sub in subs:
+                for f in sub.filters:
+                    await client.subscribe(f, qos=1)
             self.state = "online"
             if self.last_error is not None:
                 log.info("uplink_up", broker=url)
@@ -278,6 +345,9 @@ class Uplink:
             self._inflight = {b.seq: b for b in await self._rt.buffer.pending_batches()}
             self._sent_at = {}
             self._retry_at = {s: t for s, t in self._retry_at.items() if s in self._inflight}
+            for sub in subs:
+                if sub.on_connect is not None:
+                    sub.on_connect()
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._acks(client), name="uplink:acks")
@@ -286,6 +356,7 @@ class Uplink:
             except* _Stop:
                 pass
             finally:
+                self._client = None
                 for t in list(self._publishing):
                     t.cancel()
             with contextlib.suppress(aiomqtt.MqttError):
@@ -293,7 +364,7 @@ class Uplink:
 
     def _inbound_refused(self, size: int) -> None:
         self.counters["inbound_refused"] += 1
-        log.warning("ack_rejected", reason="oversize-packet", size=size, max_bytes=MAX_INBOUND_PACKET,
+        log.warning("ack_rejected", reason="oversize-packet", size=size, max_bytes=self._inbound_cap(),
                     action="connection dropped before reading it")
 
     async def _until_stop(self) -> None:
@@ -352,8 +423,21 @@ class Uplink:
     # -- acks -----------------------------------------------------------------------------
     async def _acks(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
-            payload = msg.payload
-            await self._handle_ack(payload if isinstance(payload, bytes) else b"")
+            payload = msg.payload if isinstance(msg.payload, bytes) else b""
+            if msg.topic.value != self._ack_topic and self._route(msg.topic, payload):
+                continue
+            await self._handle_ack(payload)
+
+    def _route(self, topic: aiomqtt.Topic, payload: bytes) -> bool:
+        """Hand a message on a registered filter to its component; False: not theirs."""
+        for sub in self._inbound:
+            if any(topic.matches(f) for f in sub.filters):
+                try:
+                    sub.handler(topic.value, payload)
+                except Exception as exc:  # a component's bug must not end the uplink's session
+                    log.error("uplink_inbound_handler_failed", error=type(exc).__name__)
+                return True
+        return False
 
     async def _handle_ack(self, payload: bytes) -> None:
         if len(payload) > MAX_ACK:  # refused before any decoding (parse_ack checks it too)
@@ -374,19 +458,16 @@ class Uplink:
             if batch is None or batch.hh != ack.hh:
                 self.counters["acks_unknown"] += 1
                 return
-        if self._cloud_key is not None and not verify_ack(
-            ack, tenant=self._ids[0], store=self._ids[1], device=self._ids[2], cloud_key=self._cloud_key
-        ):
+        if not self.unsigned_acks_trusted and not self._signed(ack):
             # changes nothing: a deletion, a quarantine or a resend delay needs the cloud's signature
             reason = "unsigned" if ack.s is None else "bad-signature"
             self.counters["acks_unsigned" if ack.s is None else "acks_forged"] += 1
             log.warning("ack_rejected", reason=reason, seq=ack.seq, ok=ack.ok)
             return
         if ack.ok:
-            if await self._rt.buffer.ack(ack.seq, ack.hh):
-                self.counters["acked"] += 1
-                self.counters["events_acked"] += batch.n
-                self.last_ack_ms = self._rt.clock.wall_ms()
+            # shielded: a stop or disconnect cancels this task, and a cancel landing on the
+            # buffer's COMMIT would delete the batch without counting it (seen end to end)
+            await asyncio.shield(self._delete_acked(ack.seq, ack.hh, batch.n))
             self._forget(ack.seq)
             return
         reason = ack.err or "unspecified"
@@ -410,12 +491,29 @@ class Uplink:
                     retry_in_s=round(delay, 2))
         self._wake.set()
 
+    def _signed(self, ack: Ack) -> bool:
+        """The ack's signature verifies with one of the trusted cloud keys."""
+        keys = self._trust.keys()
+        order = sorted(keys, key=lambda kid: kid != self._last_kid)  # the last good key first
+        for kid in order:
+            if verify_ack(ack, tenant=self._ids[0], store=self._ids[1], device=self._ids[2], cloud_key=keys[kid]):
+                self._last_kid = kid
+                return True
+        return False
+
     def _forget(self, seq: int) -> None:
         self._inflight.pop(seq, None)
         self._sent_at.pop(seq, None)
         self._retry_at.pop(seq, None)
         self._attempts.pop(seq, None)
         self._wake.set()
+
+    async def _delete_acked(self, seq: int, hh: bytes, n: int) -> None:
+        """Delete an acked batch and count it, as one step."""
+        if await self._rt.buffer.ack(seq, hh):
+            self.counters["acked"] += 1
+            self.counters["events_acked"] += n
+            self.last_ack_ms = self._rt.clock.wall_ms()
 
 
 _KNOWN_REASONS = frozenset(REASONS)

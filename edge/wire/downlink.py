@@ -13,6 +13,8 @@ is acted on, and a forged one costs one bounded decode and one signature check.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import itertools
@@ -58,6 +60,8 @@ __all__ = [
     "merge_layers",
     "parse_down_topic",
     "parse_enroll_request",
+    "parse_token",
+    "peek_refusal",
     "reported_topic",
     "sign_document",
     "unsettable_paths",
@@ -81,6 +85,8 @@ DocKind = Literal["enrolled", "desired", "consent", "cmd"]
 TopicKind = Literal["enroll", "enrolled", "desired", "consent", "cmd", "cmd-result", "reported"]
 _DOC_KINDS: Final = ("enrolled", "desired", "consent", "cmd")
 _SHARD_RE: Final = re.compile(r"[0-9a-f]{2}")
+TOKEN_ID_RE: Final = re.compile(r"[a-z0-9]{8,64}")
+TOKEN_SECRET_BYTES: Final = 32
 _INT64_MAX: Final = (1 << 63) - 1
 
 # top-level config sections a layer may set, and the keys inside them it may not
@@ -430,7 +436,45 @@ def verify_enrolled(
     return _document(o, payload)
 
 
+def peek_refusal(payload: bytes, *, topic: str, prefix: str) -> str | None:
+    """The `err` of a well-formed refusal on this `enrolled` topic whose `m` is absent, else None.
+
+    UNAUTHENTICATED: a cloud cannot MAC an answer with a secret it does not share with the
+    device, so a `bad-mac` refusal (wrong secret, unknown token id) carries no `m`, and anyone
+    on the broker could have sent it. Good for telling a technician "check the token", never
+    for trusting anything (nothing is pinned on it)."""
+    try:
+        o = _open(payload)
+        _check_topic(o, parse_down_topic(topic, prefix))
+    except DocumentError:
+        return None
+    err = o.doc.get("err")
+    if o.m is not None or o.doc.get("ok") is not False or type(err) is not str:
+        return None
+    return err[:32]
+
+
 # -- enrollment request (edge -> cloud) -------------------------------------------------------
+
+
+def parse_token(text: str) -> tuple[str, bytes]:
+    """A technician's token `{token_id}.{secret}` -> (token_id, the 32 secret bytes).
+
+    The secret is base32 without padding (case-insensitive, surrounding blanks ignored).
+    ValueError says what is wrong and never repeats the secret."""
+    token_id, sep, secret = text.strip().partition(".")
+    if not sep or not TOKEN_ID_RE.fullmatch(token_id):
+        raise ValueError("expected {token_id}.{secret} as `edge-cloud tokens create` prints it")
+    padded = secret.upper() + "=" * (-len(secret) % 8)
+    try:
+        raw = base64.b32decode(padded)
+    except (binascii.Error, ValueError):
+        raise ValueError("the part after the first '.' is not base32 (check for a typo)") from None
+    if len(raw) != TOKEN_SECRET_BYTES:
+        raise ValueError(f"the secret is {len(raw)} bytes, expected {TOKEN_SECRET_BYTES} (is the token complete?)")
+    return token_id, raw
+
+
 
 
 def _enroll_message(  # noqa: PLR0917 - the spec's array, in its order

@@ -261,7 +261,8 @@ function renderStatus(s) {
   const c = s.config;
   const crow = [["Local file", c.file || "unknown"]];
   if (c.modified_ms) crow.push(["Changed", new Date(c.modified_ms).toLocaleString()]);
-  crow.push(["Fleet layers", c.layers.length ? c.layers.map((l) => [l.name, l.version].filter(Boolean).join(" ")).join(", ") : "none"]);
+  // layers from the fleet, when a component applies any; until then the local file is the whole config
+  if (c.layers.length) crow.push(["Fleet layers", c.layers.map((l) => [l.name, l.version].filter(Boolean).join(" ")).join(", ")]);
   dl("config", crow);
 }
 
