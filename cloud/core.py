@@ -84,6 +84,7 @@ class IngestCore:
         w = _Work()
         try:
             with self._store.transaction() as txn:
+                txn.lock(self._identities(items))
                 for item in items:
                     try:
                         with txn.message():
@@ -102,6 +103,18 @@ class IngestCore:
             r.notes = []
             return w.result
         return w.result
+
+    def _identities(self, items: Sequence[Inbound]) -> list[Ids]:
+        """The group's batch identities, sorted: the order every transaction locks them in."""
+        found: set[Ids] = set()
+        for item in items:
+            try:
+                tenant, st, device, kind = parse_topic(item.topic, self._prefix)
+            except WireError:
+                continue
+            if kind == "batch":
+                found.add((tenant, st, device))
+        return sorted(found)
 
     # ------------------------------------------------------------------ one message
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -136,6 +136,9 @@ class _Txn:
         self._db = db
         self._encode = encode
         self.lines: list[str] = []
+
+    def lock(self, identities: Sequence[Ids]) -> None:
+        """Nothing to do: the SQLite transaction is the only writer (BEGIN IMMEDIATE)."""
 
     def device(self, ids: Ids) -> DeviceState | None:
         row = self._db.execute(

@@ -90,6 +90,11 @@ class Rejected:
 class StoreTxn(Protocol):
     """One transaction of a `Store` (see the module doc for the call order)."""
 
+    def lock(self, identities: Sequence[Ids]) -> None:
+        """Lock every device of the group up front, in the order given (sorted by the core), so two
+        transactions holding batches of the same devices never wait on each other in a cycle."""
+        ...
+
     def device(self, ids: Ids) -> DeviceState | None:
         """The device's chain state; None for a device never seen. Lock the device here."""
         ...

@@ -228,3 +228,48 @@ def test_a_day_partition_another_worker_creates_meanwhile_is_not_an_error(pg_dsn
     assert errors == []
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT to_regclass('events_20310517') IS NOT NULL").fetchone() == (True,)
+
+
+def test_two_workers_with_the_same_devices_in_opposite_orders_never_deadlock(tmp_path: Path, pg_dsn: str) -> None:
+    """Each group locks its devices up front in sorted order: worker 1 gets [a, b], worker 2
+    [b, a] of the same batches, at once, many times; no group fails (before, the two took the
+    devices' locks in arrival order, PostgreSQL aborted one as a deadlock, and its batches went
+    unanswered until the devices resent them), and every batch is stored once."""
+    import threading
+
+    migrate(pg_dsn)
+    (tmp_path / "keys").mkdir()
+    devices = [Device("edge-a"), Device("edge-b")]
+    for d in devices:
+        d.register(tmp_path / "keys")
+    workers = []
+    for i in (1, 2):
+        cfg = ReceiverConfig(broker="mqtt://127.0.0.1:1", keys_dir=tmp_path / "keys", db=tmp_path / f"u{i}.db",
+                             out=tmp_path / f"u{i}.jsonl", cloud_key=cloud_key_file(tmp_path))
+        workers.append(Receiver(cfg, clock=FakeClock(), store=PgStore(pg_dsn)))
+    rounds = [[(d.topic, d.seal(n_events=50)[2]) for d in devices] for _ in range(40)]
+    failed: list[int] = []
+    start = threading.Barrier(2)
+
+    def run(w: Receiver, reverse: bool) -> None:
+        start.wait()
+        for group in rounds:
+            items = [Inbound(t, p) for t, p in (reversed(group) if reverse else group)]
+            result = w.process(items)
+            if not result.committed or result.counts["errors"]:  # a deadlock fails a message or a group
+                failed.append(1)
+
+    for w in workers:
+        w.open()
+    try:
+        threads = [threading.Thread(target=run, args=(w, i == 1)) for i, w in enumerate(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for w in workers:
+            w.close()
+    assert failed == []
+    assert _one(pg_dsn, "SELECT count(*) FROM batches") == 80
+    assert _one(pg_dsn, "SELECT count(DISTINCT (device, id)) FROM events") == 80 * 50

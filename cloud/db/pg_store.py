@@ -8,9 +8,9 @@ releases acks only after `transaction()` returned, i.e. after COMMIT.
 Concurrency. Any number of workers share the database. `device(ids)` is the core's first call
 for an identity in a transaction; it takes a transaction-scoped advisory lock on the identity,
 so two workers holding batches of one device decide its chain one after the other (the lock
-needs no row, so a device never seen is serialized too). Locks are taken in the order batches
-come; two workers locking two devices in opposite orders deadlock, PostgreSQL aborts one, the
-core counts the group as failed and the transport redelivers it.
+needs no row, so a device never seen is serialized too). The core first locks every device of
+the group in sorted order (`lock`), so two workers whose groups share devices wait for each
+other instead of deadlocking (a deadlock aborted a group, unanswered until the device resent).
 
 Partitions. Before a batch's events go in, the day partitions they need exist: a missing one is
 created through a second, autocommit connection (`edge_event_partition(day)`), so the lock a
@@ -20,7 +20,7 @@ new partition takes on `events` is never held across a group.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -115,6 +115,10 @@ class _Txn:
         self._conn = conn
         self._store = store
         self._wrote = False  # this transaction holds a lock on events (a side connection would wait)
+
+    def lock(self, identities: Sequence[Ids]) -> None:
+        for ids in identities:
+            self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("/".join(ids),))
 
     def device(self, ids: Ids) -> DeviceState | None:
         self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("/".join(ids),))
