@@ -308,3 +308,45 @@ async def test_insecure_unsigned_acks_warns_at_every_start_and_shows_in_status(t
     cfg = _config(state, "mqtt://127.0.0.1:9", cloud_public_key=None)
     with pytest.raises(StartupError, match=r"uplink\.cloud_public_key"):
         await Supervisor(cfg, clock, drivers=lambda c, k: [], components=[uplink_component]).run(asyncio.Event())
+
+
+
+@pytest.mark.cloud
+async def test_a_refused_ack_subscription_is_counted_and_the_session_is_tried_again(
+    tmp_path: Path, nats_cluster: Any
+) -> None:
+    """A broker that answers SUBSCRIBE to the ack topic with the failure code (here NATS, whose
+    store user t-a.s-a may not read store s-b's acks; under a 500-device reconnect storm NATS did
+    the same when it could not create the subscription's consumer in time): the edge never counts
+    itself online on such a session, where no ack could ever arrive and every batch would be resent
+    forever; the refusal is counted and the uplink connects again."""
+    state = tmp_path / "state"
+    state.mkdir()
+    password = tmp_path / "pw"
+    password.write_text(nats_cluster.password("t-a.s-a"))
+    node = nats_cluster.nats.nodes[0]
+    cfg = Config.model_validate({
+        "identity": {"tenant": "t-a", "store": "s-b", "device": "edge-01"},
+        "paths": {"state_dir": str(state), "keys_dir": str(state / "keys")},
+        "downlink": {"enabled": False},
+        "uplink": {"broker": f"mqtt://{node.host}:{node.mqtt_port}", "cloud_public_key": CLOUD_PUBLIC_HEX,
+                   "protocol": "3.1.1", "auth": {"username": "t-a.s-a", "password_file": str(password)},
+                   "reconnect": {"initial": "200ms", "max": "400ms"}},
+    })  # fmt: skip
+    clock = SystemClock()
+    KeyStore(cfg.paths.keys_dir, clock).init(force=True)
+    sup = Supervisor(cfg, clock, drivers=lambda c, k: [], components=[uplink_component])
+    stop = asyncio.Event()
+    task = asyncio.create_task(sup.run(stop))
+    try:
+        assert await _until(lambda: _has_components(sup), 10)
+        assert sup.runtime is not None
+        up = sup.runtime.components[0]
+        assert isinstance(up, Uplink)
+        assert await _until(lambda: up.counters["subscribe_refused"] >= 2, 20), up.status()
+        assert up.state != "online"
+        assert up.counters["connects"] >= 2
+        assert "refused the subscription" in str(up.last_error)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)

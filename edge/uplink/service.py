@@ -144,7 +144,7 @@ class Uplink:
         self.counters: dict[str, int] = {
             "published": 0, "resent": 0, "acked": 0, "events_acked": 0, "rejected": 0, "deferred": 0,
             "acks_forged": 0, "acks_unsigned": 0, "acks_unknown": 0, "acks_malformed": 0, "connects": 0,
-            "inbound_refused": 0,
+            "inbound_refused": 0, "subscribe_refused": 0,
         }
         self.rejections: dict[str, int] = {}  # trusted rejections by reason (chain-broken included)
         self.unsigned_acks_trusted = not self._trust.keys()
@@ -172,13 +172,21 @@ class Uplink:
             self._publishing.add(task)
             task.add_done_callback(self._publishing.discard)
 
+    def _check_granted(self, topic_filter: str, granted: object) -> None:
+        """A refused downlink filter is counted and logged (tried again on the next connect); the
+        session stays up, since acks still flow (an ACL without the downlink topics, say)."""
+        if not _granted(granted):
+            self.counters["subscribe_refused"] += 1
+            log.warning("uplink_subscription_refused", filter=topic_filter[:200],
+                        hint="the broker's ACL must let this device read its downlink topics (docs/security.md)")
+
     def _inbound_cap(self) -> int:
         return max([MAX_INBOUND_PACKET, *(s.max_packet for s in self._inbound)])
 
     async def _subscribe(self, client: aiomqtt.Client, subs: list[Inbound]) -> None:
         for sub in subs:
             for f in sub.filters:
-                await client.subscribe(f, qos=1)
+                self._check_granted(f, await client.subscribe(f, qos=1))
         for sub in subs:
             if sub.on_connect is not None:
                 sub.on_connect()
@@ -330,12 +338,16 @@ class Uplink:
             self.counters["connects"] += 1
             online = {"state": "online", "device": self._ids[2], "kid": self._rt.keys.kid()}
             await client.publish(self._status_topic, json.dumps(online).encode(), qos=1, retain=True)
-            await client.subscribe(self._ack_topic, qos=1)
+            if not _granted(await client.subscribe(self._ack_topic, qos=1)):
+                # without it no ack ever arrives, and every batch would be resent forever on a
+                # session that looks fine (seen with NATS under a 500-device reconnect storm)
+                self.counters["subscribe_refused"] += 1
+                raise SubscriptionRefused(f"the broker refused the subscription to {self._ack_topic}; reconnecting")
             subs = list(self._inbound)
             self._client = client  # a registration from now on subscribes itself
             for sub in subs:
                 for f in sub.filters:
-                    await client.subscribe(f, qos=1)
+                    self._check_granted(f, await client.subscribe(f, qos=1))
             self.state = "online"
             if self.last_error is not None:
                 log.info("uplink_up", broker=url)
@@ -538,3 +550,18 @@ def uplink_component(rt: Runtime) -> Uplink:
     up = Uplink(rt)
     rt.buffer.add_commit_listener(lambda _last: up.notify())
     return up
+
+
+class SubscriptionRefused(EdgeError):
+    """The broker answered a SUBSCRIBE with a failure code (0x80 or above)."""
+
+
+def _granted(result: object) -> bool:
+    """Whether every code of a SUBACK is a granted QoS (3.1.1: ints, 0x80 is failure; 5: reason
+    codes, 0x80 and above are failures)."""
+    codes = result if isinstance(result, (list, tuple)) else [result]
+    for code in codes:
+        value = getattr(code, "value", code)
+        if not isinstance(value, int) or value >= 0x80:
+            return False
+    return True
