@@ -28,29 +28,37 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import secrets
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiomqtt
 import psycopg
 import pytest
 import yaml
 from support.nats import RunningNats
 from test_cloud_daemon_e2e import CLOUD_PUBLIC, STORE, TENANT
-from test_cloud_ingest_worker import EDGE_CLOUD, Fleet, Worker
+from test_cloud_ingest_worker import EDGE_CLOUD, Fleet, Worker, stop_gracefully
 from test_integration import EDGE, edge
 from test_receiver import cloud_key_file
 
 from cloud.db.migrate import migrate
 from cloud.db.registry import add_device
 from edge.buffer.bounds import boot_id
+from edge.buffer.schema import decode_batch_events, decode_body
 from edge.clock import SystemClock
 from edge.downlink.seen import SeenIds
+from edge.events import Ident
+from edge.privacy.keys import tenant_kid
+from edge.privacy.pseudonym import stable_pseudonym
 
 # nats-py (the worker helpers) may leave a socket unclosed when a worker stops
 pytestmark = [pytest.mark.cloud, pytest.mark.filterwarnings("ignore:unclosed <StreamWriter:ResourceWarning")]
@@ -361,3 +369,160 @@ async def test_commands_status_restart_and_keys_rotate_run_on_the_daemon_and_the
         assert states == [("status", "ok"), ("restart", "ok"), ("keys.rotate", "ok")]
         assert await daemon.stop() == 0
         assert daemon.exits == [75, 0]
+
+
+def buffered(state: Path, needle: str) -> tuple[int, int, list[dict[str, Any]]]:
+    """The device's SQLite buffer, read only: (unsent events carrying `needle`, events in sealed
+    unacked batches carrying it, the edge.consent_purged events)."""
+    raw = needle.encode()
+    db = sqlite3.connect(f"file:{state / 'buffer.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        bodies = [bytes(b) for (b,) in db.execute("SELECT body FROM events")]
+        payloads = [bytes(p) for (p,) in db.execute("SELECT payload FROM batches WHERE state = 'pending'")]
+    finally:
+        db.close()
+    sealed = [e for p in payloads for e in decode_batch_events(p)]
+    purged = [e for e in map(decode_body, bodies) if e["type"] == "edge.consent_purged"]
+    return sum(raw in b for b in bodies), sum(needle in json.dumps(e, default=str) for e in sealed), purged
+
+
+async def watch_downlink_reports(cluster: RunningNats, device: str, got: list[bytes], ready: asyncio.Event) -> None:
+    """Every `reported`, `status` and `cmd-result` of the device, as the broker's admin sees them."""
+    u = urlsplit(cluster.nats.mqtt_urls[1])
+    async with aiomqtt.Client(u.hostname or "", u.port or 0, username="admin", password=cluster.password("admin"),
+                              identifier=f"watch-{secrets.token_hex(4)}",
+                              protocol=aiomqtt.ProtocolVersion.V311) as client:
+        for kind in ("reported", "status", "cmd-result"):
+            await client.subscribe(f"edge/v1/{TENANT}/{STORE}/{device}/{kind}", qos=1)
+        ready.set()
+        async for m in client.messages:
+            got.append(bytes(m.payload) if isinstance(m.payload, bytes | bytearray) else b"")
+
+
+async def until(cond: Callable[[], bool], what: str, within: float = WAIT) -> float:
+    """Poll `cond` (in a thread) until true; the seconds it took."""
+    t0 = time.monotonic()
+    while not await asyncio.to_thread(cond):
+        assert time.monotonic() - t0 < within, what
+        await asyncio.sleep(0.2)
+    return time.monotonic() - t0
+
+
+@pytest.mark.timeout(120)
+async def test_a_revoked_consent_purges_the_devices_buffer_and_the_clouds_events_and_is_never_reported(
+    tmp_path: Path, nats_cluster: RunningNats, pg_dsn: str,
+) -> None:
+    master, slave = pty.openpty()  # the till's serial line: the test types the receipts
+    drivers = {"ble": {"backend": "sim", "sim": {"rate": 10, "seed": 1}}, "nfc": {"enabled": False},
+               "pos": [{"name": "till-9", "backend": "serial", "port": os.ttyname(slave), "framing": "lines"}]}
+    privacy = {"classes": {"loyalty_id": {"policy": "stable", "fallback": "ephemeral"}}}
+    pseudonym = stable_pseudonym(Ident("loyalty_id", LOYALTY), tenant_kid(TENANT_KEY), TENANT_KEY)
+    assert pseudonym is not None
+    receipts = 0
+
+    def receipt() -> None:
+        nonlocal receipts
+        receipts += 1
+        os.write(master, f"SHOP 1\nReceipt no: {receipts}\nTOTAL EUR 1.00\nLoyalty: {LOYALTY}\n\f".encode())
+
+    def carrying_in_pg() -> int:
+        return int(c.sql("SELECT count(*) FROM events WHERE tenant = %s AND strpos(data::text, %s) > 0",
+                         TENANT, pseudonym)[0][0])
+
+    def consented(n: int) -> Callable[[], bool]:
+        def check() -> bool:
+            rows = c.sql("SELECT reported->'consent'->>'pseudonyms' FROM fleet_device_state WHERE device = %s",
+                         c.device)
+            return bool(rows) and rows[0][0] == str(n)
+        return check
+
+    seen: list[bytes] = []
+    ready = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
+    try:
+        async with chain(tmp_path, nats_cluster, pg_dsn, drivers=drivers, privacy=privacy, window=2) as c:
+            watcher = asyncio.create_task(watch_downlink_reports(nats_cluster, c.device, seen, ready))
+            async with asyncio.timeout(WAIT):
+                await ready.wait()
+            daemon = c.start_daemon()
+            await c.until_row(online, "the device never showed up online")
+            grant = tmp_path / "optin.txt"
+            grant.write_text(f"{LOYALTY}\n")
+            out = await c.cli("consent", "grant", "--tenant", TENANT, str(grant))
+            assert out.startswith(f"{TENANT}: granted 1, unchanged 0"), out
+            await until(consented(1), "the device never reported the consented pseudonym's shard")
+
+            # consented: the customer's receipt carries the stable pseudonym into PostgreSQL
+            receipt()
+            await until(lambda: carrying_in_pg() == 1, "the consented receipt never reached PostgreSQL")
+
+            # the cloud stops acking (worker stopped): the window fills, later events stay buffered unsent
+            assert c.worker is not None
+            assert await asyncio.to_thread(stop_gracefully, c.worker) == 0
+            await until(lambda: _pending(c.state) >= 2, "the window never filled")
+            for _ in range(3):
+                receipt()
+            await until(lambda: buffered(c.state, pseudonym)[0] == 3, "the receipts were not buffered")
+            assert buffered(c.state, pseudonym)[1] == 0  # none sealed: the window was full before
+
+            revoke = tmp_path / "withdrawn.txt"
+            revoke.write_text(f"{LOYALTY[:4]} {LOYALTY[4:]}\n")  # another spelling of the same number
+            t_revoke = time.monotonic()
+            out = await c.cli("consent", "revoke", "--tenant", TENANT, str(revoke))
+            assert out.splitlines()[0] == f"{TENANT}: revoked 1, unchanged 0, 1 stored event(s) erased", out
+            assert carrying_in_pg() == 0
+            await until(lambda: buffered(c.state, pseudonym)[:2] == (0, 0),
+                        "buffered events still carry the withdrawn pseudonym", within=10)
+            took = time.monotonic() - t_revoke  # the command (signing, PostgreSQL, publish) included
+            _, _, purged = buffered(c.state, pseudonym)
+            assert [e["data"]["events"] for e in purged] == [3], purged
+            assert set(purged[0]["data"]) == {"shard", "rev", "events"}
+
+            # from now on the customer gets the fallback (ephemeral): nothing stable is buffered again
+            assert _pos_events(c.state) == 0  # till-9 is the only POS: its buffered receipts were the 3 purged
+            receipt()
+            await until(lambda: _pos_events(c.state) == 1, "the receipt after the withdrawal was not buffered")
+            assert buffered(c.state, pseudonym)[:2] == (0, 0)
+
+            # the cloud acks again: the backlog drains, nothing carrying the pseudonym arrives
+            c.start_worker("w2")
+            await until(consented(0), "the device never reported the withdrawal")
+            await until(lambda: _pos_events(c.state) == 0, "the backlog did not drain")  # acked: deleted
+            assert carrying_in_pg() == 0
+            # stored: the consented receipt erased by the revoke, the purged three never sent, the last one
+            # with an ephemeral pseudonym (the class's fallback)
+            [(data,)] = c.sql("SELECT data FROM events WHERE device = %s AND src = 'pos'", c.device)
+            assert data["receipt_id"] == str(receipts)
+            assert data["loyalty"].startswith("loy:e")
+            assert await daemon.stop() == 0
+            stored = c.sql("SELECT reported::text, status FROM fleet_device_state WHERE device = %s", c.device)
+            worker_logs = [w.log.read_text() for w in c.fleet.workers]
+            log = daemon.log()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+        os.close(master)
+        os.close(slave)
+    assert len(seen) >= 3
+    for text in (*(p.decode(errors="replace") for p in seen), stored[0][0], log, *worker_logs):
+        assert pseudonym not in text
+        assert LOYALTY not in text
+    print(f"buffer purged {took:.1f} s after the revoke started; {len(seen)} reported/status/cmd-result copies")
+
+
+def _query(state: Path, sql: str) -> int:
+    db = sqlite3.connect(f"file:{state / 'buffer.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(db.execute(sql).fetchone()[0])
+    finally:
+        db.close()
+
+
+def _pending(state: Path) -> int:
+    return _query(state, "SELECT count(*) FROM batches WHERE state = 'pending'")
+
+
+def _pos_events(state: Path) -> int:
+    return _query(state, "SELECT count(*) FROM events WHERE src = 'pos'")
