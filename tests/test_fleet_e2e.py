@@ -52,6 +52,7 @@ from test_receiver import cloud_key_file
 
 from cloud.db.migrate import migrate
 from cloud.db.registry import add_device
+from cloud.fleet.publish import Broker, Publisher
 from edge.buffer.bounds import boot_id
 from edge.buffer.schema import decode_batch_events, decode_body
 from edge.clock import SystemClock
@@ -59,6 +60,7 @@ from edge.downlink.seen import SeenIds
 from edge.events import Ident
 from edge.privacy.keys import tenant_kid
 from edge.privacy.pseudonym import stable_pseudonym
+from edge.wire.downlink import consent_shard
 
 # nats-py (the worker helpers) may leave a socket unclosed when a worker stops
 pytestmark = [pytest.mark.cloud, pytest.mark.filterwarnings("ignore:unclosed <StreamWriter:ResourceWarning")]
@@ -135,7 +137,8 @@ class Chain:
     env: dict[str, str]
     worker: Worker | None = None
     daemon: Daemon | None = None
-    layers: int = field(default=0)
+    layers: int = 0  # device layers written so far (their file names)
+    retained: set[str] = field(default_factory=set)  # topics the test made the cloud retain
 
     @property
     def state(self) -> Path:
@@ -152,6 +155,7 @@ class Chain:
         self.layers += 1
         path = self.tmp / f"layer-{self.layers}.yaml"
         path.write_text(yaml.safe_dump(config))
+        self.retained.add(f"edge/v1/{TENANT}/{STORE}/{self.device}/desired")
         return await self.cli("config", "set", "--tenant", TENANT, "--store", STORE, "--device", self.device,
                               str(path))
 
@@ -259,6 +263,18 @@ async def chain(tmp: Path, cluster: RunningNats, dsn: str, *, drivers: dict[str,
             with contextlib.suppress(Exception):
                 await c.daemon.stop(signal.SIGKILL)
         c.fleet.close()
+        await clear_retained(cluster, c.retained)
+
+
+async def clear_retained(cluster: RunningNats, topics: set[str]) -> None:
+    """Empty the retained copies the test left (the cluster is the session's: a consent shard of
+    tenant t-a signed with this file's key would be a foreign document to every later test)."""
+    if not topics:
+        return
+    broker = Broker(urls=cluster.nats.mqtt_urls, user="admin", password=cluster.password("admin"))
+    async with Publisher(broker) as pub:
+        for topic in sorted(topics):
+            await pub.publish(topic, b"", retain=True)
 
 
 def online(r: dict[str, Any]) -> bool:
@@ -449,6 +465,7 @@ async def test_a_revoked_consent_purges_the_devices_buffer_and_the_clouds_events
             grant = tmp_path / "optin.txt"
             grant.write_text(f"{LOYALTY}\n")
             out = await c.cli("consent", "grant", "--tenant", TENANT, str(grant))
+            c.retained.add(f"edge/v1/{TENANT}/_all/_all/consent/{consent_shard(pseudonym)}")
             assert out.startswith(f"{TENANT}: granted 1, unchanged 0"), out
             await until(consented(1), "the device never reported the consented pseudonym's shard")
 
