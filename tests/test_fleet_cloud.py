@@ -421,6 +421,8 @@ async def test_fleet_status_lists_every_registered_device_and_problems_from_stor
         for ids in devices[:5]:
             await handle_status(conn, ids, online)
         await handle_status(conn, devices[1], offline)  # its last will
+        # before its first layer a device reports `apply: null`
+        await handle_reported(conn, devices[1], json.dumps({**json.loads(reported(2_000)), "apply": None}).encode())
         await handle_reported(conn, devices[0], reported(2_000, backlog=12))
         await handle_reported(conn, devices[0], reported(1_000, apply="rejected"))  # an older retained copy
         await handle_reported(conn, devices[2], reported(2_000, apply="rolled-back"))
@@ -447,6 +449,8 @@ async def test_fleet_status_lists_every_registered_device_and_problems_from_stor
     assert {d: r["problems"] for d, r in got.items() if r["problems"]} == {
         "d-2": ["offline"], "d-3": ["rolled-back"], "d-4": ["stale"], "d-5": ["rejected"], "d-6": ["offline"]}
     assert got["d-6"]["state"] == "unknown"
+    assert (got["d-2"]["software"], got["d-2"]["apply"], got["d-2"]["apply_detail"]) == ("0.9.1", None, [])
+    assert got["d-3"]["apply_detail"] == ["drivers.pos[0].port: no such port"]
 
     rc, out, _ = await asyncio.to_thread(run, capsys, "fleet", "status", "--dsn", dsn, "--tenant", "t-a",
                                          "--problems", "--stale", "1h")

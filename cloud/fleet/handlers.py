@@ -115,8 +115,9 @@ async def handle_reported(conn: psycopg.AsyncConnection[Any], ids: Ids, payload:
     if type(t) is not int or not 0 <= t < 1 << 63:
         raise ControlMessageError("invalid", "t must be the device's Unix ms")
     for key in ("layers", "apply", "health", "consent"):
-        if key in doc and not isinstance(doc[key], dict):
-            raise ControlMessageError("invalid", f"{key} must be an object")
+        # `apply` is null until the device attempted a layer (edge/downlink/reported.py)
+        if key in doc and not isinstance(doc[key], dict) and not (key == "apply" and doc[key] is None):
+            raise ControlMessageError("invalid", f"{key} must be an object" + (" or null" if key == "apply" else ""))
     software = _text(doc.get("software"), 64)
     async with _stored(conn):
         await conn.execute(_UPSERT, ids)

@@ -2,7 +2,8 @@
 
 Sources: the device registry (`devices`, active keys: a device is listed once however many keys
 it has), its latest `status` (online/offline; `offline` is also its last will) and `reported`
-document (fleet_device_state). From `reported`: software, `layers`, `apply`, and `health`'s
+document (fleet_device_state). From `reported`: software, `layers`, `apply` (its state, the
+number of its errors and, in `--json`, the errors themselves), and `health`'s
 `backlog` (events; a number, or per source `{"events": n, ...}` summed), `oldest_unsent_s`,
 `last_ack_ms`. The oldest unsent age is the reported one plus the time since that report (the
 event has aged since, unless the device sent it meanwhile and will say so in its next report).
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloud.fleet.context import AConn
+
+MAX_DETAILS = 20  # apply errors shown per device (the count says how many there are)
+MAX_DETAIL = 300  # characters of each
 
 _QUERY = """
 SELECT d.tenant, d.store, d.device, s.status, s.status_at, s.last_seen, s.software, s.reported, s.reported_at,
@@ -55,6 +59,7 @@ class DeviceRow:
     layers: dict[str, int] = field(default_factory=dict)
     apply: str | None = None
     apply_errors: int = 0
+    apply_detail: list[str] = field(default_factory=list)  # the errors themselves (key paths, reasons)
     backlog: int | None = None
     oldest_unsent_s: float | None = None
     last_ack: dt.datetime | None = None
@@ -69,6 +74,7 @@ class DeviceRow:
         return {"tenant": self.tenant, "store": self.store, "device": self.device, "state": self.state,
                 "last_seen": self.last_seen.isoformat() if self.last_seen else None, "software": self.software,
                 "layers": self.layers, "apply": self.apply, "apply_errors": self.apply_errors,
+                "apply_detail": self.apply_detail,
                 "backlog": self.backlog,
                 "oldest_unsent_s": None if self.oldest_unsent_s is None else round(self.oldest_unsent_s, 1),
                 "last_ack": self.last_ack.isoformat() if self.last_ack else None, "last_cmd": self.last_cmd,
@@ -88,6 +94,8 @@ def build_row(r: tuple[Any, ...], now: dt.datetime, stale_s: float) -> DeviceRow
         row.apply = str(apply["state"])[:16]
         errors = apply.get("errors")
         row.apply_errors = len(errors) if isinstance(errors, list) else 0
+        if isinstance(errors, list):
+            row.apply_detail = [e[:MAX_DETAIL] for e in errors[:MAX_DETAILS] if isinstance(e, str)]
     health = rep.get("health")
     if isinstance(health, dict):
         row.backlog = _backlog(health.get("backlog"))
