@@ -115,7 +115,8 @@ async def handle_reported(conn: psycopg.AsyncConnection[Any], ids: Ids, payload:
     if type(t) is not int or not 0 <= t < 1 << 63:
         raise ControlMessageError("invalid", "t must be the device's Unix ms")
     for key in ("layers", "apply", "health", "consent"):
-        if key in doc and not isinstance(doc[key], dict):
+        if key in doc and not isinstance(doc[key], dict) and not (key == "apply" and doc[key] is None):
+            # `apply` is null until the device attempted its first layer (edge/downlink/reported.py)
             raise ControlMessageError("invalid", f"{key} must be an object")
     software = _text(doc.get("software"), 64)
     async with _stored(conn):
