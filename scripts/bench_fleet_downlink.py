@@ -13,7 +13,7 @@ The cloud side is the code `edge-cloud config set` and `edge-cloud consent revok
 signed, audited, published retained over MQTT 3.1.1 with QoS 1).
 
 (d) config: a store-layer change for every store, the 500 `config set --tenant T --store S`
-    published at once (8 publishers, each its own PostgreSQL connection and MQTT session), a
+    published at once (16 publishers, each its own PostgreSQL connection and MQTT session), a
     retention change (`buffer.retention.ble`: beyond drivers, so the device takes the restart
     path: validate, persist, restart, watch for the settle time, `applied`); then the same as
     ONE tenant layer. Clock: from just before the first publish to the moment every device's
@@ -41,6 +41,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from edge.wire.downlink import consent_shard  # noqa: E402
 
 TENANT = "bench"
 TARGET_S = 10.0
-PUBLISHERS = 8  # concurrent `config set`s (each a PostgreSQL connection and an MQTT session)
+PUBLISHERS = 16  # concurrent `config set`s (each a PostgreSQL connection and an MQTT session)
 WORKERS = 2
 THREADS = 32  # the simulator's thread pool (see run())
 POLL_S = 0.1
@@ -331,6 +332,25 @@ async def wait_fleet_ready(fleet: Fleet, conn: Conn, within: float) -> float:
                        f"`reported`, {stored} stored")
 
 
+SUBS_PER_DEVICE = 6  # QoS 1 filters: the uplink's ack, three desired layers, the consent shards, commands
+
+
+def mqtt_consumers(bench: Bench) -> int | None:
+    """JetStream consumers on `$MQTT_msgs` (one per QoS 1 subscription), from node 1's monitoring port."""
+    node = bench.cloud.node_specs[0]
+    url = f"http://{node.host}:{node.http_port}/jsz?accounts=true&streams=true"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    for acc in doc.get("account_details") or []:
+        for st in acc.get("stream_detail") or []:
+            if st.get("name") == "$MQTT_msgs":
+                return int(st.get("state", {}).get("consumer_count", 0))
+    return None
+
+
 async def run(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"devices": args.devices}
     # every device runs its blocking steps (validation, fsync'd state files, SQLite) in threads; a
@@ -351,6 +371,12 @@ async def run(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
             results["fleet_ready_s"] = round(await wait_fleet_ready(fleet, conn, args.timeout), 1)
             print(f"fleet       {len(fleet.devices)} devices online, first `reported` stored "
                   f"(opened in {results['fleet_open_s']} s, ready in {results['fleet_ready_s']} s)", flush=True)
+            consumers = await asyncio.to_thread(mqtt_consumers, bench)
+            results["mqtt_consumers"] = consumers
+            if consumers is not None and consumers < SUBS_PER_DEVICE * len(fleet.devices):
+                print(f"WARNING     only {consumers} JetStream consumers on $MQTT_msgs for "
+                      f"{SUBS_PER_DEVICE * len(fleet.devices)} QoS 1 subscriptions: the broker refused some "
+                      f"(see the NATS log, --keep); their devices get nothing on them", flush=True)  # fmt: skip
             if "d" in args.parts:
                 results["d"] = await part_d(bench, fleet, conn, args.timeout)
             if "e" in args.parts:
