@@ -18,25 +18,48 @@ credentials (`credentials`: store -> user name and password file, the config's `
 A run ends when every device has generated its events and its buffer is empty (all acked), or at
 `timeout`; then every uplink stops cleanly (`offline` status) and every buffer closes.
 
+Downlink (`downlink=True`). Each device also runs the REAL downlink component
+(edge/downlink/component.py) on its uplink's MQTT session: its three desired layers, its tenant's
+consent shards and its command topic; documents verified with the spec's cloud key (the one the
+uplink trusts for acks); consent shards applied by the real `ConsentSync` (`consent.db`, purge of
+its buffer in one transaction); commands by the real `CommandRunner`; `reported` published
+retained. Desired layers go the real `DesiredState` way: the device's configuration is a YAML file
+(`<store>/<device>/edge.yaml`) and the layers over it are merged and validated as `edge
+check-config` does, persisted in `desired.json`, watched for `health.apply_grace` (a simulated
+device has no drivers: its buffer is what is watched) and reported `applied`. What a simulated
+device does NOT do: it has no drivers to reconfigure (a drivers-only change is applied "live" to
+none), and where a daemon restarts for a change (anything beyond `drivers`) the simulated one
+restarts in-process (`SimDownlink`): the desired state is taken again through `boot_config` (the
+code `edge run` starts with, which takes the persisted trial) and the retained layers it held back
+meanwhile are offered again, but its buffer and MQTT session are not reopened, so settings read
+at open (buffer bounds and retention, uplink window) keep their values until the fleet's next run,
+which opens every device with `boot_config`'s effective configuration.
+
 Memory. Per device: one aiosqlite thread and connection (cache capped at 512 KiB by the buffer,
-touched far less), one paho client, a few tasks. Figures: docs/benchmarks.md, "Fleet simulator".
+touched far less), one MQTT client, a few tasks; with the downlink two more small SQLite
+connections (`consent.db`, `commands.db`) and its (empty, bounded) queue. Figures:
+docs/benchmarks.md, "Fleet simulator" and "Fleet downlink (500 devices)".
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+import yaml
 
 from cloud.identity import register_key
 from edge.buffer import Buffer
 from edge.clock import Clock, SystemClock
 from edge.config import Config
+from edge.downlink.component import Downlink
+from edge.downlink.consent import ConsentSync
+from edge.downlink.desired import Boot, DesiredState, Watch, boot_config
 from edge.events import Pending, Reading
 from edge.pipeline import Pipeline
 from edge.privacy.keys import KeyStore
@@ -73,6 +96,7 @@ class FleetSpec:
     reconnect_max: float = 5.0
     registry_dsn: str | None = None  # register keys in PostgreSQL's registry, not in keys_dir
     credentials: Mapping[str, tuple[str, Path]] | None = None  # store -> (MQTT user, password file)
+    downlink: bool = False  # each device also runs the real downlink component (see the module doc)
 
     def ids(self, i: int) -> tuple[str, str, str]:
         """(tenant, store, device) of device number `i` (from 1): one device per store."""
@@ -155,15 +179,26 @@ def _passthrough(r: Reading) -> Pending:
     return Pending(r.ts, r.src, r.type, r.data)
 
 
+def device_home(spec: FleetSpec, i: int) -> Path:
+    """Device `i`'s folder: `state/`, `keys/` and (with the downlink) its config file `edge.yaml`."""
+    _, store, device = spec.ids(i)
+    return spec.state / store / device
+
+
 def device_config(spec: FleetSpec, i: int) -> Config:
     """The edge config of device `i`: its identity, state and keys under `spec.state`, the uplink."""
+    return Config.model_validate(device_config_data(spec, i))
+
+
+def device_config_data(spec: FleetSpec, i: int) -> dict[str, Any]:
+    """`device_config` as the YAML data of the device's config file."""
     tenant, store, device = spec.ids(i)
     home = spec.state / store / device
     auth: dict[str, str] = {}
     if spec.credentials is not None:
         user, password_file = spec.credentials[store]
         auth = {"username": user, "password_file": str(password_file)}
-    return Config.model_validate({
+    return {
         "identity": {"tenant": tenant, "store": store, "device": device},
         "paths": {"state_dir": str(home / "state"), "keys_dir": str(home / "keys")},
         "buffer": {"synchronous": spec.synchronous},
@@ -173,7 +208,60 @@ def device_config(spec: FleetSpec, i: int) -> Config:
             "reconnect": {"initial": spec.reconnect_initial, "max": spec.reconnect_max},
             **({"auth": auth} if auth else {}),
         },
-    })  # fmt: skip
+        "downlink": {"enabled": spec.downlink},
+    }  # fmt: skip
+
+
+def write_device_config(spec: FleetSpec, i: int) -> Path:
+    """Device `i`'s config file (rewritten each run, so a changed spec applies): its local layer."""
+    path = device_home(spec, i) / "edge.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(device_config_data(spec, i), sort_keys=False))
+    return path
+
+
+async def _no_drivers(_cfg: Config, _names: Collection[str]) -> None:
+    """`Runtime.reconfigure_drivers` of a device without drivers: nothing to stop or start."""
+
+
+class SimDownlink(Downlink):
+    """The real downlink component of a simulated device; only a requested restart differs (no
+    service manager restarts the process): `_restart` takes the desired state again through
+    `boot_config`, as `edge run` does after exit 75, and offers the retained layers it ignored
+    meanwhile again, as a reconnect would. `restarts` counts them."""
+
+    def __init__(self, rt: Runtime, uplink: Uplink, config_path: str, boot: Boot, local: Config) -> None:
+        self._local = local
+        self._retained: dict[str, bytes] = {}  # desired topic -> its last payload (3 topics, small documents)
+        self.restarts = 0
+        rt.request_restart = self._restart
+        rt.reconfigure_drivers = _no_drivers
+        super().__init__(rt, uplink, config_path, boot)
+
+    def _offer(self, topic: str, payload: bytes) -> None:
+        if topic.endswith("/desired") and len(payload) <= 256 * 1024:
+            self._retained[topic] = payload
+        super()._offer(topic, payload)
+
+    def _restart(self) -> None:
+        self._tasks.append(asyncio.create_task(self._restarted(), name="fleetsim:restart"))
+
+    async def _restarted(self) -> None:
+        rt = self._rt
+        await self.desired.close()
+        boot = await asyncio.to_thread(boot_config, self._config_path, self._local)
+        for event, fields in boot.notes:
+            log.warning(event, device=rt.cfg.identity.device, **fields)
+        rt.cfg = boot.effective.cfg
+        watch = Watch(self._unhealthy, rt.cfg.health.apply_grace, rt.clock.monotonic)
+        self.desired = DesiredState(config_path=self._config_path, boot=boot, state_dir=rt.cfg.paths.state_dir,
+                                    restart=self._restart, changed=self._report_now.set, watch=watch,
+                                    live=rt.reconfigure_drivers)  # fmt: skip
+        self.restarts += 1
+        self._report_now.set()  # a restarted daemon reports on connect
+        for topic, payload in list(self._retained.items()):  # what came while it was "down"
+            super()._offer(topic, payload)
+        await self.desired.watch_trial()
 
 
 @dataclass(slots=True)
@@ -183,26 +271,52 @@ class SimDevice:
     cfg: Config
     rt: Runtime
     uplink: Uplink
+    downlink: SimDownlink | None = None
     generated: int = 0
     target: int = 0  # events_acked at which its buffer should be empty
     generating: asyncio.Task[None] | None = field(default=None)
 
     @classmethod
-    async def open(cls, cfg: Config, clock: Clock, keys_out: Path | None) -> SimDevice:
-        """Open its keys (created on first use) and buffer; `keys_out`: register the key there too."""
+    async def open(cls, cfg: Config, clock: Clock, keys_out: Path | None,
+                   config_path: Path | None = None) -> SimDevice:  # fmt: skip
+        """Open its keys (created on first use) and buffer; `keys_out`: register the key there too.
+        `config_path` (the file `cfg` was written to): run the downlink too, with the persisted
+        desired layers over that file (`boot_config`, as `edge run` does)."""
         keys = KeyStore(cfg.paths.keys_dir, clock)
         if not keys.exists():
             await asyncio.to_thread(keys.init)
         ident = cfg.identity
         if keys_out is not None:
             register_key(keys_out, (ident.tenant, ident.store, ident.device), keys.public_key().hex())
+        local, boot = cfg, None
+        if config_path is not None:
+            boot = await asyncio.to_thread(boot_config, str(config_path), cfg)
+            cfg = boot.effective.cfg
         buffer = await Buffer.open(cfg, clock, retention_every=3600.0)
         rt = Runtime(cfg, clock, keys, buffer, Pipeline((), _passthrough, buffer))
         dev = cls(cfg, rt, uplink_component(rt))
-        stats = await buffer.stats()
+        rt.components.append(dev.uplink)  # `reported` shows its state
+        try:
+            if config_path is not None and boot is not None:
+                sync = await asyncio.to_thread(ConsentSync, cfg.paths.state_dir, buffer)
+                rt.consent_sync = sync
+                await sync.resume()  # a purge an earlier run left pending
+                # registered before the uplink's session starts, as the daemon's factory order does
+                dev.downlink = SimDownlink(rt, dev.uplink, str(config_path), boot, local)
+                rt.components.append(dev.downlink)
+            stats = await buffer.stats()
+        except BaseException:
+            await dev.close()
+            raise
         # what an earlier run left unacked goes out too
         dev.target = sum(b.events for b in stats.backlog.values()) + sum(b.n for b in await buffer.pending_batches())
         return dev
+
+    async def start(self) -> None:
+        """Start its uplink, then its downlink (if any): the daemon's component order."""
+        await self.uplink.start()
+        if self.downlink is not None:
+            await self.downlink.start()
 
     @property
     def public_key(self) -> bytes:
@@ -252,8 +366,12 @@ class SimDevice:
         if self.generating is not None and not self.generating.done():
             self.generating.cancel()
             await asyncio.gather(self.generating, return_exceptions=True)
+        if self.downlink is not None:
+            await self.downlink.stop()
         await self.uplink.stop()
         await self.rt.buffer.close()
+        if self.rt.consent_sync is not None:
+            self.rt.consent_sync.close()
 
 
 class Fleet:
@@ -281,7 +399,8 @@ class Fleet:
 
         async def one(i: int) -> SimDevice:
             async with gate:
-                return await SimDevice.open(device_config(self.spec, i), self._clock, keys_out)
+                path = await asyncio.to_thread(write_device_config, self.spec, i) if self.spec.downlink else None
+                return await SimDevice.open(device_config(self.spec, i), self._clock, keys_out, path)
 
         results = await asyncio.gather(*(one(i) for i in range(1, self.spec.devices + 1)),
                                        return_exceptions=True)  # fmt: skip
@@ -308,6 +427,17 @@ class Fleet:
                 add_device(conn, tenant=ident.tenant, store=ident.store, device=ident.device,
                            public_key=d.public_key)  # fmt: skip
 
+    async def start(self) -> None:
+        """Open (if not yet) and start every device's uplink (and downlink) without generating
+        anything: a fleet that stays online until `close()` (e.g. for downlink benchmarks)."""
+        await self.open()
+        for d in self.devices:
+            await d.start()
+
+    def online(self) -> int:
+        """Devices whose uplink session is up."""
+        return sum(1 for d in self.devices if d.uplink.state == "online")
+
     async def close(self) -> None:
         """Stop every uplink and generator, close every buffer (what `run()` does at its end)."""
         await asyncio.gather(*(d.close() for d in self.devices), return_exceptions=True)
@@ -329,7 +459,7 @@ class Fleet:
                 await asyncio.gather(*(d.generating for d in self.devices if d.generating is not None))
                 log.info("fleet_buffered", events=sum(d.generated for d in self.devices))
             for d in self.devices:
-                await d.uplink.start()
+                await d.start()
             deadline = time.perf_counter() + spec.timeout
             pending = list(self.devices)
             while pending and not stop.is_set() and time.perf_counter() < deadline:

@@ -428,6 +428,11 @@ async def test_fleet_status_lists_every_registered_device_and_problems_from_stor
         await handle_reported(conn, devices[2], reported(2_000, apply="rolled-back"))
         await handle_reported(conn, devices[3], reported(2_000, oldest=7200.0, backlog=40))
         await handle_reported(conn, devices[4], reported(2_000, apply="rejected"))
+        fresh = json.loads(reported(2_000))
+        fresh["apply"] = None  # a device that has not attempted a layer yet (other tenant: not listed below)
+        await handle_reported(conn, ("t-b", "s-z", "d-9"), json.dumps(fresh).encode())
+        cur = await conn.execute("SELECT reported->'apply' FROM fleet_device_state WHERE device = 'd-9'")
+        assert await cur.fetchone() == (None,)
         for bad in (b"", b"null", b'{"t": "now"}', b'{"t": 1, "health": []}', b"x" * 300_000, b'{"t": 1e400}',
                     b'{"t": 99999999999999999999999}', b'{"t": 5, "software": "\\ud800"}', b'{"t": 5, "x": 1e999}',
                     b"[" * 50_000 + b"]" * 50_000):
