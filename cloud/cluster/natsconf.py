@@ -170,6 +170,12 @@ class ClusterLimits:
     max_memory_store: int = 256 * 1024**2
     mqtt_ack_wait: str = "30s"
     mqtt_max_ack_pending: int = 1024
+    # NATS 2.15 caps the consumers of a stream without its own limit at `default_max_consumers`
+    # (1,000 seen here). Every QoS 1 MQTT subscription is a consumer on $MQTT_msgs, and a device
+    # with the downlink holds 6 (ack, three desired layers, its tenant's consent shards, cmd), so
+    # the default served ~166 devices: the 500-device downlink benchmark got refused SUBACKs.
+    # 6 x 10,000 devices, with room for the workers' own.
+    max_consumers_per_stream: int = 65_536
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -202,6 +208,7 @@ def render_node(
             "store_dir": str(node.store_dir),
             "max_file_store": lim.max_file_store,
             "max_memory_store": lim.max_memory_store,
+            "limits": {"default_max_consumers": lim.max_consumers_per_stream},
         },
         "cluster": {
             "name": cluster_name,
