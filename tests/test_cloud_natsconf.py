@@ -61,7 +61,7 @@ def test_node_config_routes_to_peers_with_jetstream_and_mqtt(tmp_path: Path) -> 
     assert conf["jetstream"]["store_dir"] == str(tmp_path / "n1" / "jetstream")
     assert conf["jetstream"]["limits"] == {"default_max_consumers": 65_536}  # MQTT: 6 consumers per device
     assert conf["mqtt"] == {"host": "127.0.0.1", "port": 6001, "ack_wait": "30s", "max_ack_pending": 1024,
-                            "stream_replicas": 3}
+                            "stream_replicas": 3, "consumer_replicas": 1, "consumer_memory_storage": True}
     assert conf["cluster"]["routes"] == ["nats-route://route:rp@127.0.0.1:5002", "nats-route://route:rp@127.0.0.1:5003"]
     assert conf["authorization"]["users"] == [{"user": "admin", "password": 'p"w'}]
     with pytest.raises(ClusterError):

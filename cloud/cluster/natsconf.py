@@ -226,6 +226,12 @@ def render_node(
             # cluster has 3 nodes, so MQTT logins survive the loss of one (the default follows
             # the nodes seen at first start, which may be fewer)
             "stream_replicas": min(3, len(peers)),
+            # the consumer behind each QoS 1 subscription: edges use clean sessions (the consumer
+            # goes with the connection), so a replicated one buys nothing and costs a Raft group
+            # per subscription: 3,000 of them in a 500-device reconnect storm timed out (5 s)
+            # and were refused. R1 in memory is created at once, on the node the edge is on.
+            "consumer_replicas": 1,
+            "consumer_memory_storage": True,
         },
         "authorization": {"users": [u.to_conf() for u in users]},
         **lim.extra,
