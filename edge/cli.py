@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="verify captured batch payloads offline")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--keys", required=True, metavar="DIR", help="folder of registered *.pub device keys")
+    p.add_argument("--keys", required=True, metavar="DIR",
+                   help="the receiver's device keys folder: DIR/<tenant>/<store>/<device>.pub "
+                   "(64 hex chars each); a key verifies only its own device's batches")
 
     p = sub.add_parser("demo", help="a whole simulated store end to end, with an embedded broker")
     p.add_argument("--duration", type=float, default=20.0, metavar="SECONDS",

@@ -28,7 +28,7 @@ class StateLocked(EdgeError):
         who = f"pid {pid}" if pid is not None else "another process (pid unknown)"
         super().__init__(
             f"another store-edge daemon ({who}) is already running on the state folder {state_dir}",
-            hint="stop it first (systemctl stop store-edge), or give this one its own paths.state_dir",
+            hint="stop it first (systemctl stop edge), or give this one its own paths.state_dir",
         )
         self.state_dir = state_dir
         self.pid = pid

@@ -564,12 +564,15 @@ def test_seal_refuses_arguments_a_receiver_must_reject(changes: dict[str, Any]) 
 # ------------------------------------------------------------------------------- edge verify
 
 
-def _write_keys(folder: Path, *keys: Ed25519PrivateKey) -> Path:
-    folder.mkdir()
+def _write_keys(folder: Path, *keys: Ed25519PrivateKey, ids: tuple[str, str, str] = IDS) -> Path:
+    """Register keys as the receiver does: the first at `ids`, the others at device-1, device-2..."""
     from edge.wire.uplink import public_raw
 
     for i, k in enumerate(keys):
-        (folder / f"device-{i}.pub").write_text(public_raw(k.public_key()).hex() + "\n")
+        device = ids[2] if i == 0 else f"device-{i}"
+        path = folder / ids[0] / ids[1] / f"{device}.pub"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(public_raw(k.public_key()).hex() + "\n")
     return folder
 
 
@@ -628,24 +631,62 @@ def test_verify_files_reports_tampering_chain_breaks_and_topic_sidecars(tmp_path
     assert lines[1] == f"OK  {tmp_path / 'good2'}  acme/s001/edge-01 seq=2 n=2"
     assert lines[2].startswith(f"FAIL {tmp_path / 'tampered'}  bad-signature: ")
     assert lines[3].startswith(f"FAIL {tmp_path / 'broken'}  chain-broken: ")
-    assert lines[4].startswith(f"FAIL {tmp_path / 'wrongtopic'}  topic-mismatch: ")
+    # captured on edge-09's topic: edge-09's key is asked for (none registered), as the receiver does
+    assert lines[4].startswith(f"FAIL {tmp_path / 'wrongtopic'}  unknown-key: ")
     assert lines[5].startswith(f"FAIL {tmp_path / 'garbage'}  malformed: ")
 
 
 def test_verify_files_unknown_key_and_usage_errors(tmp_path: Path) -> None:
     keys = _write_keys(tmp_path / "keys", OTHER)
-    (keys / "junk.pub").write_text("not hex")
+    (keys / "acme" / "s001" / "junk.pub").write_text("not hex")
     f = tmp_path / "b.bin"
     f.write_bytes(GOLDEN_PAYLOAD)
     out, err = io.StringIO(), io.StringIO()
     assert verify_files([str(f)], keys, out=out, err=err) == 2  # a bad key file is an I/O problem
     assert out.getvalue().startswith(f"FAIL {f}  unknown-key: ")
     assert "junk.pub" in err.getvalue()
-    (keys / "junk.pub").unlink()
+    (keys / "acme" / "s001" / "junk.pub").unlink()
     assert verify_files([str(f)], keys, out=io.StringIO(), err=err) == 1
     assert verify_files([], keys, out=io.StringIO(), err=err) == 2
     assert verify_files([str(f)], tmp_path / "missing", out=io.StringIO(), err=err) == 2
     assert verify_files([str(tmp_path / "nope.bin")], keys, out=io.StringIO(), err=err) == 2
+
+
+def test_verify_files_binds_keys_to_identity(tmp_path: Path) -> None:
+    """Device A's key verifies A's batches only: signed by A as othertenant/s9/edge-b (with or
+    without a sidecar), it is unknown-key, even when edge-b has a key of its own registered."""
+    keys = _write_keys(tmp_path / "keys", KEY)  # A = acme/s001/edge-01
+    _write_keys(tmp_path / "keys", OTHER, ids=("othertenant", "s9", "edge-b"))
+    own, _ = seal(seq=1, prev=bytes(32))
+    foreign, _ = seal(seq=1, prev=bytes(32), ids=("othertenant", "s9", "edge-b"))
+    (tmp_path / "own").write_bytes(own)
+    (tmp_path / "foreign").write_bytes(foreign)
+    (tmp_path / "foreign-topic").write_bytes(foreign)
+    (tmp_path / "foreign-topic.topic").write_text("edge/v1/othertenant/s9/edge-b/batch\n")
+    # A's own batch captured on B's topic: B's key is asked for, and A's kid is not it
+    (tmp_path / "own-on-b").write_bytes(own)
+    (tmp_path / "own-on-b.topic").write_text("edge/v1/othertenant/s9/edge-b/batch\n")
+    out = io.StringIO()
+    names = ["own", "foreign", "foreign-topic", "own-on-b"]
+    assert verify_files([str(tmp_path / n) for n in names], keys, out=out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"OK  {tmp_path / 'own'}  acme/s001/edge-01 seq=1 n=2"
+    for line, name in zip(lines[1:], names[1:], strict=True):
+        assert line.startswith(f"FAIL {tmp_path / name}  unknown-key: "), line
+
+
+def test_verify_files_refuses_the_old_flat_layout(tmp_path: Path) -> None:
+    """A folder of flat <device>.pub files (no identity) is a usage error naming the layout."""
+    from edge.wire.uplink import public_raw
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "edge-01.pub").write_text(public_raw(KEY.public_key()).hex() + "\n")
+    f = tmp_path / "b.bin"
+    f.write_bytes(GOLDEN_PAYLOAD)
+    err = io.StringIO()
+    assert verify_files([str(f)], keys, out=io.StringIO(), err=err) == 2
+    assert "<tenant>/<store>/<device>.pub" in err.getvalue()
 
 
 def test_batch_dataclass_is_frozen() -> None:

@@ -50,3 +50,46 @@ def cap_inbound(client: aiomqtt.Client, limit: int, on_refused: Callable[[int], 
 
     paho._sock_recv = capped
     return True
+
+
+class InboundBytes:
+    """A bound on the bytes aiomqtt holds between the socket and the uplink's consumer.
+
+    aiomqtt queues received messages by count only (`max_queued_incoming_messages`); with the
+    downlink's 4 MiB packets that is up to count x 4 MiB (1024 x 4 MiB = 4 GiB) while the consumer
+    awaits. `install(client)` wraps aiomqtt's `on_message`: a message that would take the queued
+    bytes above `limit` (or find the count queue full) is dropped before it is queued, counted
+    (`dropped`), and logged rate-limited; `taken(n)` is called by the consumer for each message it
+    takes off. QoS 1 messages dropped here were already acknowledged by paho: retained documents
+    come again on the next subscribe, commands are re-sent by the cloud (downlink-v1)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.queued = 0
+        self.dropped = 0
+
+    def install(self, client: aiomqtt.Client) -> bool:
+        paho: Any = getattr(client, "_client", None)
+        original = getattr(client, "_on_message", None)
+        queue: Any = getattr(client, "_queue", None)
+        if paho is None or original is None or queue is None:
+            log.warning("uplink_inbound_bytes_bound_unavailable")
+            return False
+        self.queued = 0  # a new session's queue is empty
+
+        def on_message(c: Any, userdata: Any, message: Any) -> None:
+            size = len(message.payload or b"")
+            if queue.full() or self.queued + size > self.limit:
+                self.dropped += 1
+                if self.dropped <= 10 or self.dropped % 1000 == 0:
+                    log.warning("uplink_inbound_dropped", reason="queue-full", size=size, queued=self.queued,
+                                max_bytes=self.limit, count=self.dropped)  # fmt: skip
+                return
+            self.queued += size
+            original(c, userdata, message)
+
+        paho.on_message = on_message
+        return True
+
+    def taken(self, size: int) -> None:
+        self.queued = max(0, self.queued - size)

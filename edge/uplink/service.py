@@ -8,6 +8,8 @@
   (Mosquitto `max_packet_size`, NATS `max_payload`: docs/security.md), so the edge enforces the
   same cap itself (edge/uplink/inbound.py: a longer packet drops the connection unread), drops
   anything above `MAX_ACK` before parsing and keeps at most `INBOUND_QUEUE` messages queued.
+  With the downlink on (its default) the session's cap is its MAX_PACKET (4 MiB + 64 KiB), acks
+  still parsed within MAX_ACK, and the client queue is bounded by bytes too (`INBOUND_QUEUE_BYTES`).
 - Keeps up to `uplink.window` batches in flight; a batch not acked within `ack_timeout`
   is published again (the stored bytes: byte-identical).
 - Trust (docs/security.md): an ack or rejection changes anything only when its signature by a
@@ -53,7 +55,7 @@ from edge.supervisor import Runtime
 from edge.uplink.batcher import Batcher
 from edge.uplink.clientid import client_id
 from edge.uplink.connect import ConnectParams, connect_params, diagnose_connect_error, explain_connect_error
-from edge.uplink.inbound import cap_inbound
+from edge.uplink.inbound import InboundBytes, cap_inbound
 from edge.uplink.wire import MAX_ACK, REASONS, Ack, ack_topic, batch_topic, parse_ack, status_topic, verify_ack
 
 log = structlog.get_logger("edge.uplink")
@@ -65,6 +67,8 @@ MAX_INBOUND_PACKET = 8192
 INBOUND_QUEUE = 256  # acks queued between the MQTT client and us; beyond, aiomqtt drops (logged)
 # with other subscriptions (the downlink's 256 retained consent shards arrive at once on subscribe)
 INBOUND_QUEUE_SHARED = 1024
+# and by bytes: 1024 x the downlink's 4 MiB packets would be 4 GiB (edge/uplink/inbound.py InboundBytes)
+INBOUND_QUEUE_BYTES = 40 * 1024 * 1024
 # CONNACK codes meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 132)
 _NO_V5 = frozenset({1, 132})
 
@@ -154,6 +158,7 @@ class Uplink:
         self._connected = False  # a session is established (until it ends)
         self._inbound: list[Inbound] = []
         self._client: aiomqtt.Client | None = None  # the session's, while online
+        self._inbound_bytes = InboundBytes(INBOUND_QUEUE_BYTES)
 
     def add_inbound(self, filters: list[str], handler: Callable[[str, bytes], None], *, max_packet: int,
                     on_connect: Callable[[], None] | None = None) -> None:
@@ -243,6 +248,7 @@ class Uplink:
             "unsigned_acks_trusted": self.unsigned_acks_trusted,
             "rejections": dict(self.rejections),
             **self.counters,
+            "inbound_dropped": self._inbound_bytes.dropped,
         }
 
     async def resend_now(self) -> int:
@@ -333,6 +339,7 @@ class Uplink:
         )
         if not self._v5:  # MQTT 5 announces the cap in CONNECT; 3.1.1 needs it enforced here
             cap_inbound(client, cap, self._inbound_refused)
+        self._inbound_bytes.install(client)
         async with client:
             self._connected = True
             self.counters["connects"] += 1
@@ -436,6 +443,7 @@ class Uplink:
     async def _acks(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
             payload = msg.payload if isinstance(msg.payload, bytes) else b""
+            self._inbound_bytes.taken(len(payload))
             if msg.topic.value != self._ack_topic and self._route(msg.topic, payload):
                 continue
             await self._handle_ack(payload)

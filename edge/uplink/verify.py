@@ -10,8 +10,11 @@ header. One line per file, in the order given:
 
 Exit code 0 when every file verifies, 1 when any fails, 2 on usage or I/O problems.
 
-The public keys folder holds `*.pub` files, each 64 hex characters (a raw Ed25519 public
-key); the kid is computed from the key, never taken from the file name.
+The keys folder is the receiver's (cloud/identity.py): each device's key at
+`DIR/<tenant>/<store>/<device>.pub`, 64 hex characters (a raw Ed25519 public key); the kid is
+computed from the key, never taken from the file name. A key verifies only batches of the identity
+it is registered for (the sidecar topic's when there is one, else the header's): device A's key on
+a batch of another device, store or tenant is `unknown-key`, exactly as the receiver answers.
 """
 
 from __future__ import annotations
@@ -39,30 +42,6 @@ def read_public_key(path: Path) -> tuple[str, Ed25519PublicKey]:
     if len(raw) != 32:
         raise ValueError("expected 64 hex characters (a raw Ed25519 public key)")
     return kid_of(raw), Ed25519PublicKey.from_public_bytes(raw)
-
-
-def load_public_keys(keys_dir: Path) -> tuple[dict[str, Ed25519PublicKey], list[str]]:
-    """All registered device keys in `keys_dir` by kid, plus one problem line per bad file.
-
-    Raises KeyError_ when the folder itself cannot be listed.
-    """
-    try:
-        files = sorted(p for p in keys_dir.iterdir() if p.name.endswith(".pub"))
-    except OSError as exc:
-        raise KeyError_(
-            f"cannot read the device keys folder {keys_dir}: {exc.strerror or exc}",
-            hint="create it and put one <device>.pub file (64 hex chars) per registered device in it",
-        ) from None
-    keys: dict[str, Ed25519PublicKey] = {}
-    problems: list[str] = []
-    for f in files:
-        try:
-            kid, key = read_public_key(f)
-        except (OSError, ValueError) as exc:
-            problems.append(f"{f.name}: {getattr(exc, 'strerror', None) or exc}")
-            continue
-        keys[kid] = key
-    return keys, problems
 
 
 def _sidecar_ids(payload_path: Path) -> tuple[str, str, str] | None:
@@ -120,8 +99,10 @@ def verify_files(
     if not paths:
         print("edge verify: no files given (usage: edge verify --keys DIR FILE...)", file=err)
         return 2
+    from cloud.identity import load_keys_dir  # here: cloud.identity imports read_public_key from us
+
     try:
-        keys, problems = load_public_keys(keys_dir)
+        registered, problems = load_keys_dir(keys_dir)
     except KeyError_ as exc:
         print(f"edge verify: {exc}", file=err)
         return 2
@@ -137,6 +118,9 @@ def verify_files(
             payload = Path(name).read_bytes()
             ids = _sidecar_ids(Path(name))
             batch = parse_batch(payload, limits=limits)
+            # only the key registered for this batch's identity may have signed it (no global kid map)
+            reg = registered.get(ids if ids is not None else batch.ids)
+            keys = {reg.kid: reg.key} if reg is not None else {}
             verify_batch(batch, keys=keys, topic_ids=ids, limits=limits)
         except OSError as exc:
             io_problem = True
