@@ -71,6 +71,8 @@ INBOUND_QUEUE_SHARED = 1024
 INBOUND_QUEUE_BYTES = 40 * 1024 * 1024
 # CONNACK codes meaning "this broker does not speak MQTT 5" (3.1.1 code 1, MQTT 5 code 132)
 _NO_V5 = frozenset({1, 132})
+RESUBSCRIBE_INITIAL = 2.0  # s before a refused downlink filter is tried again (doubling, jittered)
+RESUBSCRIBE_MAX = 60.0
 
 
 class UplinkTrustError(EdgeError):
@@ -158,6 +160,7 @@ class Uplink:
         self._connected = False  # a session is established (until it ends)
         self._inbound: list[Inbound] = []
         self._client: aiomqtt.Client | None = None  # the session's, while online
+        self._retries: set[asyncio.Task[None]] = set()  # refused downlink filters, tried again
         self._inbound_bytes = InboundBytes(INBOUND_QUEUE_BYTES)
 
     def add_inbound(self, filters: list[str], handler: Callable[[str, bytes], None], *, max_packet: int,
@@ -177,13 +180,35 @@ class Uplink:
             self._publishing.add(task)
             task.add_done_callback(self._publishing.discard)
 
-    def _check_granted(self, topic_filter: str, granted: object) -> None:
-        """A refused downlink filter is counted and logged (tried again on the next connect); the
-        session stays up, since acks still flow (an ACL without the downlink topics, say)."""
-        if not _granted(granted):
+    def _check_granted(self, client: aiomqtt.Client, topic_filter: str, granted: object) -> None:
+        """A refused downlink filter is counted, logged and tried again on this session with a
+        jittered backoff (NATS refuses a subscription whose consumer it could not create in time,
+        as in a 500-store reconnect storm); the session stays up, since acks still flow."""
+        if _granted(granted):
+            return
+        self.counters["subscribe_refused"] += 1
+        log.warning("uplink_subscription_refused", filter=topic_filter[:200], retry="on this session, with backoff",
+                    hint="if it persists: the broker's ACL must let this device read its downlink topics "
+                         "(docs/security.md)")  # fmt: skip
+        task = asyncio.create_task(self._subscribe_again(client, topic_filter), name="uplink:resubscribe")
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _subscribe_again(self, client: aiomqtt.Client, topic_filter: str) -> None:
+        delay = RESUBSCRIBE_INITIAL
+        while True:
+            await asyncio.sleep(self._rng.uniform(delay / 2, delay))
+            if self._client is not client or self._stopping.is_set():
+                return  # that session is gone: the next one subscribes everything anew
+            try:
+                granted = await client.subscribe(topic_filter, qos=1)
+            except aiomqtt.MqttError:
+                return
+            if _granted(granted):
+                log.info("uplink_subscribed", filter=topic_filter[:200], after="refusal")
+                return
             self.counters["subscribe_refused"] += 1
-            log.warning("uplink_subscription_refused", filter=topic_filter[:200],
-                        hint="the broker's ACL must let this device read its downlink topics (docs/security.md)")
+            delay = min(delay * 2, RESUBSCRIBE_MAX)
 
     def _inbound_cap(self) -> int:
         return max([MAX_INBOUND_PACKET, *(s.max_packet for s in self._inbound)])
@@ -191,7 +216,7 @@ class Uplink:
     async def _subscribe(self, client: aiomqtt.Client, subs: list[Inbound]) -> None:
         for sub in subs:
             for f in sub.filters:
-                self._check_granted(f, await client.subscribe(f, qos=1))
+                self._check_granted(client, f, await client.subscribe(f, qos=1))
         for sub in subs:
             if sub.on_connect is not None:
                 sub.on_connect()
@@ -354,7 +379,7 @@ class Uplink:
             self._client = client  # a registration from now on subscribes itself
             for sub in subs:
                 for f in sub.filters:
-                    self._check_granted(f, await client.subscribe(f, qos=1))
+                    self._check_granted(client, f, await client.subscribe(f, qos=1))
             self.state = "online"
             if self.last_error is not None:
                 log.info("uplink_up", broker=url)
@@ -376,7 +401,7 @@ class Uplink:
                 pass
             finally:
                 self._client = None
-                for t in list(self._publishing):
+                for t in [*self._publishing, *self._retries]:
                     t.cancel()
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(self._status_topic, offline, qos=1, retain=True, timeout=2.0)
